@@ -1,0 +1,1 @@
+"""gfnlm: GFlowNet fine-tuning of causal language models."""
