@@ -1,0 +1,166 @@
+"""Batched autoregressive sampling from the policy, under no_grad with the KV cache kept on.
+
+Sampling never carries gradients: the scorer recomputes log-probabilities in one teacher-forced
+pass afterwards (see ``scoring``). A tool hook may insert tokens after any action; those tokens
+go through the model in the same cached step as the action that triggered them, so the cache is
+never dropped. Rows then advance by different numbers of tokens per step; the shorter ones are
+padded with masked columns, which the position ids skip, so every row sees exactly the
+positions it would see alone.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import torch
+from torch import Tensor
+
+from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
+
+ToolHook = Callable[[Query, list[int]], list[int]]
+"""Called after every action with the query and the generated ids so far (actions and earlier
+insertions); returns the token ids to insert as context (empty list: nothing)."""
+
+
+def require_pad_token(tokenizer) -> int:
+    if tokenizer.pad_token_id is None:
+        raise ValueError(
+            "the tokenizer has no pad token; set one before sampling, e.g. "
+            "tokenizer.pad_token = tokenizer.eos_token (padding is always masked out)"
+        )
+    return int(tokenizer.pad_token_id)
+
+
+def encode_prompts(tokenizer, queries: Sequence[Query]) -> list[list[int]]:
+    """Token ids of each query's prompt, with the tokenizer's special tokens (e.g. <bos>)."""
+    ids = tokenizer([q.prompt for q in queries], add_special_tokens=True)["input_ids"]
+    for q, row in zip(queries, ids):
+        if not row:
+            raise ValueError(f"prompt {q.prompt!r} encodes to no tokens; the policy needs a first state")
+    return [list(row) for row in ids]
+
+
+def _as_row_temperatures(temperature: float | Sequence[float] | Tensor, batch: int) -> Tensor:
+    temps = torch.as_tensor(temperature, dtype=torch.float32).flatten()
+    if temps.numel() == 1:
+        temps = temps.expand(batch)
+    if temps.numel() != batch:
+        raise ValueError(f"expected one temperature or {batch}, got {temps.numel()}")
+    if not (temps > 0).all() or not torch.isfinite(temps).all():
+        raise ValueError(f"sampling temperatures must be positive and finite, got {temps.tolist()}")
+    return temps.clone()
+
+
+def _next_step_logits(model, chunk: Tensor, chunk_mask: Tensor, full_mask: Tensor, cache) -> tuple[Tensor, object]:
+    """Feed a [B, K] chunk through the cached model; return each row's logits at its last real token."""
+    seen = full_mask[:, : full_mask.shape[1] - chunk.shape[1]].sum(dim=1, keepdim=True)
+    positions = (seen + chunk_mask.cumsum(dim=1) - 1).clamp(min=0)
+    out = model(
+        input_ids=chunk,
+        attention_mask=full_mask,
+        position_ids=positions,
+        past_key_values=cache,
+        use_cache=True,
+    )
+    columns = torch.arange(chunk.shape[1], device=chunk.device)
+    last = torch.where(chunk_mask.bool(), columns, -1).max(dim=1).values.clamp(min=0)  # [B]
+    logits = out.logits[torch.arange(chunk.shape[0], device=chunk.device), last]  # [B, V]
+    return logits.float(), out.past_key_values
+
+
+@torch.no_grad()
+def sample(
+    model,
+    tokenizer,
+    queries: Sequence[Query],
+    space: ActionSpace,
+    temperature: float | Sequence[float] | Tensor = 1.0,
+    generator: torch.Generator | None = None,
+    tool: ToolHook | None = None,
+) -> Trajectories:
+    """Draw one trajectory per query (repeat a query to draw several).
+
+    ``temperature`` (scalar or one per row) tempers the behaviour policy only; the log-probs
+    recorded in ``sampling_log_pf`` / ``sampling_log_pterm`` are those of the policy itself
+    (temperature 1, action-space mask and forced stop applied), which is what the scorer computes.
+    ``generator`` must live on the CPU; draws are made there so runs are reproducible across devices.
+    """
+    pad_id = require_pad_token(tokenizer)
+    device = next(model.parameters()).device
+    batch = len(queries)
+    temps = _as_row_temperatures(temperature, batch).to(device)
+    prompts = encode_prompts(tokenizer, queries)
+    prompt_len = max(map(len, prompts))
+    prompt_ids = torch.full((batch, prompt_len), pad_id, dtype=torch.long)
+    prompt_mask = torch.zeros((batch, prompt_len), dtype=torch.long)
+    for b, row in enumerate(prompts):
+        prompt_ids[b, prompt_len - len(row) :] = torch.tensor(row)
+        prompt_mask[b, prompt_len - len(row) :] = 1
+    prompt_ids, full_mask = prompt_ids.to(device), prompt_mask.to(device)
+
+    was_training = model.training
+    model.eval()  # LoRA dropout off while sampling
+    try:
+        logits, cache = _next_step_logits(model, prompt_ids, full_mask, full_mask, None)
+        generated: list[list[int]] = [[] for _ in range(batch)]
+        is_action: list[list[bool]] = [[] for _ in range(batch)]
+        log_pf: list[list[float]] = [[] for _ in range(batch)]
+        log_pterm: list[list[float]] = [[] for _ in range(batch)]
+        n_actions = torch.zeros(batch, dtype=torch.long, device=device)
+        done = torch.zeros(batch, dtype=torch.bool, device=device)
+        stop_ids = torch.tensor(space.stop_token_ids, device=device)
+        while True:
+            log_probs = space.masked_log_probs(logits)  # [B, V] the policy at temperature 1
+            forced = n_actions >= space.max_len
+            stop_lp = torch.where(forced, 0.0, space.stop_log_prob(log_probs))  # [B]
+            behaviour = log_probs / temps[:, None]
+            behaviour[:, stop_ids] = behaviour[:, stop_ids].masked_fill((n_actions < space.min_len)[:, None], float("-inf"))
+            probs = behaviour.softmax(dim=-1).cpu()
+            token = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)  # [B]
+            stops = forced | torch.isin(token, stop_ids)
+            token_lp = log_probs.gather(1, token[:, None]).squeeze(1)
+
+            chunks: list[list[int]] = [[] for _ in range(batch)]
+            active = (~done).nonzero().flatten().tolist()
+            for b in active:
+                log_pterm[b].append(float(stop_lp[b]))
+                if stops[b]:
+                    continue
+                tok = int(token[b])
+                generated[b].append(tok)
+                is_action[b].append(True)
+                log_pf[b].append(float(token_lp[b]))
+                inserted = list(tool(queries[b], list(generated[b]))) if tool is not None else []
+                generated[b].extend(inserted)
+                is_action[b].extend([False] * len(inserted))
+                chunks[b] = [tok] + inserted
+            n_actions += (~done & ~stops).long()
+            done |= stops
+            if bool(done.all()):
+                break
+            width = max(map(len, chunks))
+            chunk = torch.full((batch, width), pad_id, dtype=torch.long)
+            chunk_mask = torch.zeros((batch, width), dtype=torch.long)
+            for b, row in enumerate(chunks):
+                if row:
+                    chunk[b, : len(row)] = torch.tensor(row)
+                    chunk_mask[b, : len(row)] = 1
+            chunk, chunk_mask = chunk.to(device), chunk_mask.to(device)
+            full_mask = torch.cat([full_mask, chunk_mask], dim=1)
+            logits, cache = _next_step_logits(model, chunk, chunk_mask, full_mask, cache)
+    finally:
+        model.train(was_training)
+
+    records = [TrajectoryRecord(q, p, g, a) for q, p, g, a in zip(queries, prompts, generated, is_action)]
+    traj = Trajectories.from_records(records, pad_id, device=device)
+    horizon = traj.horizon
+    traj.sampling_log_pf = _pad_rows(log_pf, horizon, device)
+    traj.sampling_log_pterm = _pad_rows(log_pterm, horizon + 1, device)
+    return traj
+
+
+def _pad_rows(rows: list[list[float]], width: int, device) -> Tensor:
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(device)

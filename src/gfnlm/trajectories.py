@@ -1,0 +1,197 @@
+"""Queries, the action space of the policy, and batches of trajectories.
+
+A trajectory is a prompt X followed by generated tokens. Most generated tokens are *actions*
+chosen by the policy; a tool (the calculator) may insert further tokens after an action, which
+are context, not actions. State s_i is everything up to and including action i and the tokens
+inserted after it; s_0 is the prompt. The stop action ⊤ is never stored as a token: a trajectory
+of n actions ends in state s_n, from which it stopped.
+
+Batches keep prompts left-padded so that every prompt ends in column P-1 and the generated
+region starts in column P; a teacher-forced forward pass then needs logits for columns
+P-1 .. L-1 only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class Query:
+    """One conditioning input X (and, for posterior tasks, the observation Y it must explain)."""
+
+    prompt: str
+    target: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def key(self) -> str:
+        """Identity used by the replay buffer and log Z: prompt and target together."""
+        return self.prompt if self.target is None else f"{self.prompt}\x00{self.target}"
+
+
+@dataclass(frozen=True)
+class ActionSpace:
+    """What the policy may do at each state; shared by the sampler and the scorer.
+
+    The policy is the language model's next-token distribution restricted to
+    ``allowed_token_ids`` ∪ stop tokens (renormalised), with the stop action forced at
+    ``max_len`` actions. Both are part of the trained policy, so the probabilities the scorer
+    computes are those the sampler draws from. ``min_len`` only shapes *sampling* (stop is masked
+    before it, as in the paper's code): the loss still trains q(⊤ | s_i) at shorter states
+    against their rewards, which keeps every balance condition valid.
+    """
+
+    stop_token_ids: tuple[int, ...]
+    max_len: int
+    min_len: int = 0
+    allowed_token_ids: tuple[int, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if not self.stop_token_ids:
+            raise ValueError("ActionSpace needs at least one stop token id")
+        if self.max_len < 1:
+            raise ValueError(f"max_len must be at least 1, got {self.max_len}")
+        if not 0 <= self.min_len <= self.max_len:
+            raise ValueError(f"need 0 <= min_len <= max_len, got min_len={self.min_len}, max_len={self.max_len}")
+        object.__setattr__(self, "stop_token_ids", tuple(int(t) for t in self.stop_token_ids))
+        if self.allowed_token_ids is not None:
+            object.__setattr__(self, "allowed_token_ids", tuple(int(t) for t in self.allowed_token_ids))
+
+    def masked_log_probs(self, logits: Tensor) -> Tensor:
+        """log-softmax over the allowed tokens and the stop tokens; -inf elsewhere. [..., V]."""
+        if self.allowed_token_ids is not None:
+            allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
+            allowed[list(self.allowed_token_ids)] = True
+            allowed[list(self.stop_token_ids)] = True
+            logits = logits.masked_fill(~allowed, float("-inf"))
+        return logits.log_softmax(dim=-1)
+
+    def stop_log_prob(self, log_probs: Tensor) -> Tensor:
+        """log q(⊤ | s): the stop tokens' probabilities summed. [..., V] -> [...]."""
+        return log_probs[..., list(self.stop_token_ids)].logsumexp(dim=-1)
+
+
+@dataclass
+class TrajectoryRecord:
+    """One trajectory as plain lists: what the replay buffer stores and batches are built from."""
+
+    query: Query
+    prompt_ids: list[int]
+    generated_ids: list[int]
+    is_action: list[bool]
+
+    @property
+    def length(self) -> int:
+        return sum(self.is_action)
+
+
+@dataclass
+class Trajectories:
+    """A batch of trajectories, right-aligned prompts, ready for one teacher-forced forward pass."""
+
+    input_ids: Tensor  # [B, L] long; prompt in columns < P (left-padded), generated tokens from P
+    attention_mask: Tensor  # [B, L] long; 0 on padding
+    is_action: Tensor  # [B, L] bool; True where the policy chose the token
+    prompt_len: int  # P
+    queries: list[Query]
+    # log-probs of the (untempered) policy recorded while sampling, for checks: [B, T], [B, T+1]
+    sampling_log_pf: Tensor | None = None
+    sampling_log_pterm: Tensor | None = None
+
+    @property
+    def lengths(self) -> Tensor:
+        """[B] number of actions n_b."""
+        return self.is_action.sum(dim=1)
+
+    @property
+    def horizon(self) -> int:
+        """T, the largest number of actions in the batch."""
+        return int(self.lengths.max()) if len(self) else 0
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    @property
+    def position_ids(self) -> Tensor:
+        """[B, L] positions that skip padding, as the sampler's KV cache saw them."""
+        return (self.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
+
+    def action_columns(self) -> Tensor:
+        """[B, T] column of action k (k < n_b); padded with the last column."""
+        batch, width = self.is_action.shape
+        horizon = self.horizon
+        cols = torch.full((batch, horizon + 1), width - 1, dtype=torch.long, device=self.input_ids.device)
+        rank = self.is_action.long().cumsum(dim=1) - 1  # action rank of each column
+        target = torch.where(self.is_action, rank, horizon)  # non-actions go to the spill slot
+        column = torch.arange(width, device=cols.device).expand(batch, width)
+        cols.scatter_(1, target, column)
+        return cols[:, :horizon]
+
+    def state_columns(self) -> Tensor:
+        """[B, T+1] column of the last token of state s_i; past n_b, the last state's column.
+
+        s_i (i < n_b) ends at the last real token before action i+1; s_{n_b} at the last real token.
+        """
+        batch, width = self.input_ids.shape
+        column = torch.arange(width, device=self.input_ids.device).expand(batch, width)
+        last_real = torch.where(self.attention_mask.bool(), column, -1).cummax(dim=1).values  # [B, L]
+        before_action = last_real.gather(1, (self.action_columns() - 1).clamp(min=0))  # [B, T]
+        final = last_real[:, -1:].expand(batch, 1)
+        cols = torch.cat([before_action, final], dim=1)  # [B, T+1]
+        state_index = torch.arange(self.horizon + 1, device=cols.device)[None, :]
+        past_end = state_index > self.lengths[:, None]
+        return torch.where(past_end, final, cols)
+
+    def generated_texts(self, tokenizer, upto_state: bool = False) -> list[str] | list[list[str]]:
+        """Decoded generated text of each trajectory, or of every prefix state s_0..s_{n_b}."""
+        records = self.records()
+        if not upto_state:
+            return [tokenizer.decode(r.generated_ids, skip_special_tokens=True) for r in records]
+        out = []
+        for r in records:
+            ends = [i for i, a in enumerate(r.is_action) if a] + [len(r.generated_ids)]
+            out.append([tokenizer.decode(r.generated_ids[:end], skip_special_tokens=True) for end in ends])
+        return out
+
+    def records(self) -> list[TrajectoryRecord]:
+        """Split the batch back into per-trajectory lists (padding dropped)."""
+        out = []
+        ids, mask, act = self.input_ids.tolist(), self.attention_mask.tolist(), self.is_action.tolist()
+        p = self.prompt_len
+        for b, query in enumerate(self.queries):
+            prompt = [t for t, m in zip(ids[b][:p], mask[b][:p]) if m]
+            gen = [(t, a) for t, m, a in zip(ids[b][p:], mask[b][p:], act[b][p:]) if m]
+            out.append(TrajectoryRecord(query, prompt, [t for t, _ in gen], [a for _, a in gen]))
+        return out
+
+    @classmethod
+    def from_records(cls, records: Sequence[TrajectoryRecord], pad_token_id: int, device: torch.device | str = "cpu") -> "Trajectories":
+        """Collate records: prompts left-padded to a common end column, generations right-padded."""
+        if not records:
+            raise ValueError("cannot build a batch from zero trajectories")
+        prompt_len = max(len(r.prompt_ids) for r in records)
+        gen_len = max(len(r.generated_ids) for r in records)
+        width = prompt_len + gen_len
+        input_ids = torch.full((len(records), width), pad_token_id, dtype=torch.long)
+        attention = torch.zeros((len(records), width), dtype=torch.long)
+        is_action = torch.zeros((len(records), width), dtype=torch.bool)
+        for b, r in enumerate(records):
+            if len(r.generated_ids) != len(r.is_action):
+                raise ValueError("generated_ids and is_action differ in length")
+            start = prompt_len - len(r.prompt_ids)
+            stop = prompt_len + len(r.generated_ids)
+            input_ids[b, start:stop] = torch.tensor(r.prompt_ids + r.generated_ids, dtype=torch.long)
+            attention[b, start:stop] = 1
+            is_action[b, prompt_len:stop] = torch.tensor(r.is_action, dtype=torch.bool)
+        return cls(
+            input_ids=input_ids.to(device),
+            attention_mask=attention.to(device),
+            is_action=is_action.to(device),
+            prompt_len=prompt_len,
+            queries=[r.query for r in records],
+        )

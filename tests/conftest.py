@@ -1,0 +1,53 @@
+"""Tiny randomly initialised models and a character tokenizer, built in memory for unit tests."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+TINY_VOCAB = ["<pad>", "<s>", "</s>", *"0123456789", "+", "-", " "]  # 16 tokens
+
+
+def make_char_tokenizer() -> PreTrainedTokenizerFast:
+    """One token per character; <s> prepended; decodes by concatenation."""
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(TINY_VOCAB)}, unk_token="<pad>"))
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    backend.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"
+    )
+
+
+def make_tiny_lm(seed: int = 0, vocab_size: int = len(TINY_VOCAB), hidden: int = 32) -> LlamaForCausalLM:
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        pad_token_id=0,
+        bos_token_id=1,
+        eos_token_id=2,
+        tie_word_embeddings=False,
+    )
+    model = LlamaForCausalLM(config)
+    # larger logits than the default init, so that distributions are far from uniform
+    with torch.no_grad():
+        model.lm_head.weight.mul_(20.0)
+    return model.eval()
+
+
+@pytest.fixture
+def tokenizer() -> PreTrainedTokenizerFast:
+    return make_char_tokenizer()
+
+
+@pytest.fixture
+def tiny_lm() -> LlamaForCausalLM:
+    return make_tiny_lm()

@@ -1,0 +1,97 @@
+"""Sampler and scorer agree, respect the action space, and handle tools and padding."""
+
+import pytest
+import torch
+
+from gfnlm.sampling import sample
+from gfnlm.scoring import score_policy, terminal_log_prob
+from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
+
+STOP = 2  # "</s>"
+DIGITS = tuple(range(3, 13))
+PLUS = 13
+
+
+def queries(n):
+    prompts = ["1", "23+4", "5-", "67"]
+    return [Query(prompts[i % len(prompts)]) for i in range(n)]
+
+
+def double_plus_tool(query, generated):
+    """Inserts "-" "-" after every "+": a stand-in for the calculator."""
+    return [14, 14] if generated[-1] == PLUS else []
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("with_tool", [False, True])
+def test_scorer_equals_log_probs_seen_while_sampling(tiny_lm, tokenizer, temperature, with_tool):
+    space = ActionSpace(stop_token_ids=(STOP,), max_len=6, min_len=1, allowed_token_ids=DIGITS + (PLUS,))
+    g = torch.Generator().manual_seed(0)
+    traj = sample(tiny_lm, tokenizer, queries(12), space, temperature=temperature, generator=g,
+                  tool=double_plus_tool if with_tool else None)
+    log_pf, log_pterm = score_policy(tiny_lm, traj, space)
+    lengths = traj.lengths
+    valid_pf = torch.arange(log_pf.shape[1])[None] < lengths[:, None]
+    valid_pt = torch.arange(log_pterm.shape[1])[None] <= lengths[:, None]
+    torch.testing.assert_close(log_pf[valid_pf], traj.sampling_log_pf[valid_pf], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(log_pterm[valid_pt], traj.sampling_log_pterm[valid_pt], atol=2e-5, rtol=1e-5)
+    if with_tool:
+        assert (~traj.is_action & traj.attention_mask.bool())[:, traj.prompt_len:].any(), "tool never fired"
+
+
+def test_stop_rules_and_token_mask(tiny_lm, tokenizer):
+    space = ActionSpace(stop_token_ids=(STOP,), max_len=4, min_len=2, allowed_token_ids=(3, 4))
+    traj = sample(tiny_lm, tokenizer, queries(64), space, temperature=2.0, generator=torch.Generator().manual_seed(1))
+    lengths = traj.lengths
+    assert lengths.min() >= 2 and lengths.max() <= 4
+    assert (lengths == 4).any() and (lengths < 4).any()
+    actions = traj.input_ids[traj.is_action]
+    assert set(actions.tolist()) <= {3, 4}
+    # the forced stop at max_len has probability one under the policy
+    log_pf, log_pterm = score_policy(tiny_lm, traj, space)
+    full = lengths == 4
+    assert (log_pterm[full, 4] == 0).all()
+
+
+def test_score_is_padding_invariant(tiny_lm, tokenizer):
+    """A trajectory scored alone or inside a ragged batch gets the same log-probabilities."""
+    space = ActionSpace(stop_token_ids=(STOP,), max_len=5)
+    records = [
+        TrajectoryRecord(Query("1"), [1, 4], [5, 6, 13, 14, 14, 7], [True, True, True, False, False, True]),
+        TrajectoryRecord(Query("23+4"), [1, 5, 6, 13, 7], [8], [True]),
+        TrajectoryRecord(Query("5"), [1, 8], [], []),
+    ]
+    batch = Trajectories.from_records(records, pad_token_id=0)
+    log_pf, log_pterm = score_policy(tiny_lm, batch, space)
+    for b, record in enumerate(records):
+        alone = Trajectories.from_records([record], pad_token_id=0)
+        pf1, pt1 = score_policy(tiny_lm, alone, space)
+        n = record.length
+        torch.testing.assert_close(log_pf[b, :n], pf1[0, :n], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(log_pterm[b, : n + 1], pt1[0, : n + 1], atol=1e-5, rtol=1e-5)
+    assert batch.lengths.tolist() == [4, 1, 0]
+    assert batch.records()[0].generated_ids == records[0].generated_ids
+
+
+def test_empirical_frequencies_match_policy_probabilities(tiny_lm, tokenizer):
+    space = ActionSpace(stop_token_ids=(STOP,), max_len=2, allowed_token_ids=(3, 4))
+    n = 4000
+    traj = sample(tiny_lm, tokenizer, [Query("5")] * n, space, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        log_q = terminal_log_prob(*score_policy(tiny_lm, traj, space), traj.lengths)
+    texts = traj.generated_texts(tokenizer)
+    for text in set(texts):
+        p = float(log_q[texts.index(text)].exp())
+        freq = texts.count(text) / n
+        assert abs(freq - p) < 4 * (p * (1 - p) / n) ** 0.5 + 1e-3, (text, freq, p)
+
+
+def test_bad_sampling_arguments(tiny_lm, tokenizer):
+    with pytest.raises(ValueError, match="min_len"):
+        ActionSpace(stop_token_ids=(STOP,), max_len=2, min_len=3)
+    space = ActionSpace(stop_token_ids=(STOP,), max_len=2)
+    with pytest.raises(ValueError, match="temperature"):
+        sample(tiny_lm, tokenizer, queries(2), space, temperature=0.0)
+    tokenizer.pad_token = None
+    with pytest.raises(ValueError, match="pad token"):
+        sample(tiny_lm, tokenizer, queries(2), space)
