@@ -59,13 +59,13 @@ def _next_step_logits(model, chunk: Tensor, chunk_mask: Tensor, full_mask: Tenso
         input_ids=chunk,
         attention_mask=full_mask,
         position_ids=positions,
-        past_key_values=cache,
+        cache=cache,
         use_cache=True,
     )
     columns = torch.arange(chunk.shape[1], device=chunk.device)
     last = torch.where(chunk_mask.bool(), columns, -1).max(dim=1).values.clamp(min=0)  # [B]
     logits = out.logits[torch.arange(chunk.shape[0], device=chunk.device), last]  # [B, V]
-    return logits.float(), out.past_key_values
+    return logits.float(), out.cache
 
 
 @torch.no_grad()

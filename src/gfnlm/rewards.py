@@ -1,0 +1,254 @@
+"""Rewards: callables that map a batch of trajectories to log R(s_i ⊤) for every prefix state.
+
+Every reward returns a tensor [B, T+1] (T = ``traj.horizon``), computed without gradients.
+Entries past a trajectory's length are ignored by the losses. The trainer divides by the
+current reward temperature; rewards themselves return untempered log R.
+
+LM rewards use the policy's own weights with the LoRA adapter switched off (or any other model
+passed in), and score every prefix of every trajectory in ONE forward pass:
+
+* ``LMStopReward``   log p_LM(s_i ⊤ | X): the prefix's likelihood plus the model's stop probability.
+* ``LMSuffixReward`` log p_LM(s_i Y | X): the prefix's likelihood plus the likelihood of the
+  observation Y after it. The T+1 continuations are packed behind the trajectory as copies of Y,
+  each attending (through a 4D attention mask) only to its own prefix and to itself, with
+  positions continuing from that prefix — identical to T+1 separate passes, at the cost of one.
+
+``TextReward`` wraps any Python function of the decoded text.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Callable, Protocol, Sequence
+
+import torch
+from torch import Tensor
+
+from gfnlm.trajectories import Query, Trajectories
+
+
+class Reward(Protocol):
+    def __call__(self, traj: Trajectories) -> Tensor:
+        """log R(s_i ⊤) [B, T+1]."""
+        ...
+
+
+class RewardError(ValueError):
+    """A reward returned something the losses cannot use."""
+
+
+def check_log_rewards(log_r: Tensor, traj: Trajectories, name: str = "reward") -> Tensor:
+    """Validate shape and finiteness on the states that exist; return ``log_r`` as float32."""
+    expected = (len(traj), traj.horizon + 1)
+    if not isinstance(log_r, Tensor) or tuple(log_r.shape) != expected:
+        shape = tuple(log_r.shape) if isinstance(log_r, Tensor) else type(log_r).__name__
+        raise RewardError(f"{name} must return log-rewards of shape [B, T+1] = {list(expected)}, got {shape}")
+    exists = torch.arange(expected[1], device=log_r.device)[None, :] <= traj.lengths.to(log_r.device)[:, None]
+    bad = exists & ~torch.isfinite(log_r)
+    if bad.any():
+        b, i = bad.nonzero()[0].tolist()
+        raise RewardError(
+            f"{name} returned a non-finite log-reward ({float(log_r[b, i])}) for trajectory {b} at state {i} "
+            f"(query {traj.queries[b].prompt!r}); give invalid outputs a finite floor instead"
+        )
+    return log_r.float()
+
+
+def adapter_disabled(model):
+    """Context in which a peft model runs as its base model (no-op for a plain model)."""
+    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+
+
+def _packed_suffix_inputs(traj: Trajectories, suffix_ids: Sequence[Sequence[int]], pad_id: int, dtype: torch.dtype):
+    """Append T+1 copies of each row's suffix Y behind the trajectory, with a 4D additive mask.
+
+    Returns input ids [B, L + S], position ids [B, L + S] and mask [B, 1, L + S, L + S],
+    with S = (T+1) * m and m the longest suffix. Copy i of row b holds Y_b in columns
+    L + i*m ... and sees the real tokens of state s_i plus its own earlier tokens.
+    """
+    device = traj.input_ids.device
+    batch, width = traj.input_ids.shape
+    num_states = traj.horizon + 1
+    m = max(len(s) for s in suffix_ids)
+    suffix = torch.full((batch, m), pad_id, dtype=torch.long, device=device)
+    suffix_real = torch.zeros((batch, m), dtype=torch.bool, device=device)
+    for b, ids in enumerate(suffix_ids):
+        suffix[b, : len(ids)] = torch.tensor(list(ids), dtype=torch.long, device=device)
+        suffix_real[b, : len(ids)] = True
+    total = width + num_states * m
+    state_cols = traj.state_columns()  # [B, T+1]
+    positions = traj.position_ids  # [B, L]
+    copy_pos = positions.gather(1, state_cols)[:, :, None] + 1 + torch.arange(m, device=device)  # [B, T+1, m]
+    input_ids = torch.cat([traj.input_ids, suffix[:, None, :].expand(-1, num_states, -1).reshape(batch, -1)], 1)
+    position_ids = torch.cat([positions, copy_pos.reshape(batch, -1)], dim=1)
+
+    real_main = traj.attention_mask.bool()  # [B, L]
+    col = torch.arange(width, device=device)
+    allowed = torch.zeros((batch, total, total), dtype=torch.bool, device=device)
+    # the trajectory itself: causal over real tokens
+    allowed[:, :width, :width] = (col[None, :, None] >= col[None, None, :]) & real_main[:, None, :]
+    # copy i of Y sees the real tokens of state s_i ...
+    sees_prefix = (col[None, None, :] <= state_cols[:, :, None]) & real_main[:, None, :]  # [B, T+1, L]
+    allowed[:, width:, :width] = sees_prefix[:, :, None, :].expand(-1, -1, m, -1).reshape(batch, -1, width)
+    # ... and its own earlier real tokens, causally
+    k = torch.arange(m, device=device)
+    own = (k[:, None] >= k[None, :])[None] & suffix_real[:, None, :]  # [B, m, m]
+    for i in range(num_states):
+        lo = width + i * m
+        allowed[:, lo : lo + m, lo : lo + m] = own
+    allowed |= torch.eye(total, dtype=torch.bool, device=device)[None]  # padding attends to itself: no NaN rows
+    mask = torch.zeros((batch, 1, total, total), dtype=dtype, device=device)
+    mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
+    return input_ids, position_ids, mask, suffix, suffix_real
+
+
+@torch.no_grad()
+def lm_prefix_log_likelihoods(
+    model,
+    traj: Trajectories,
+    stop_token_ids: Sequence[int] | None = None,
+    suffix_ids: Sequence[Sequence[int]] | None = None,
+    pad_token_id: int = 0,
+) -> Tensor:
+    """For every state s_i: log p(s_i | X) [+ log p(⊤ | s_i)] [+ log p(Y | s_i)], in one pass. [B, T+1].
+
+    log p(s_i | X) counts every generated token of the state, tool insertions included, so the
+    reward is the likelihood of the text the model actually sees.
+    """
+    batch, width = traj.input_ids.shape
+    start = traj.prompt_len - 1  # first column whose logits are needed
+    dtype = next(model.parameters()).dtype
+    if suffix_ids is not None:
+        if len(suffix_ids) != batch or any(len(s) == 0 for s in suffix_ids):
+            raise RewardError("suffix rewards need one non-empty suffix Y per trajectory")
+        input_ids, position_ids, mask, suffix, suffix_real = _packed_suffix_inputs(traj, suffix_ids, pad_token_id, dtype)
+    else:
+        input_ids, position_ids, mask = traj.input_ids, traj.position_ids, traj.attention_mask
+    logits = model(
+        input_ids=input_ids,
+        attention_mask=mask,
+        position_ids=position_ids,
+        logits_to_keep=input_ids.shape[1] - start,
+        use_cache=False,
+    ).logits.float()  # [B, total - start, V]
+    log_probs = logits.log_softmax(dim=-1)
+    main = log_probs[:, : width - start]  # columns P-1 .. L-1
+    state_cols = traj.state_columns()  # [B, T+1]
+
+    # log p(s_i | X): cumulative log-prob of the real generated tokens up to the state's last column
+    token_lp = main[:, :-1].gather(2, traj.input_ids[:, traj.prompt_len :, None]).squeeze(2)  # [B, G]
+    token_lp = token_lp * traj.attention_mask[:, traj.prompt_len :]
+    cumulative = torch.cat([token_lp.new_zeros(batch, 1), token_lp.cumsum(dim=1)], dim=1)  # [B, G+1]
+    log_r = cumulative.gather(1, state_cols - start)  # [B, T+1]
+
+    state_lp = main.gather(1, (state_cols - start)[..., None].expand(-1, -1, main.shape[-1]))  # [B, T+1, V]
+    if stop_token_ids is not None:
+        log_r = log_r + state_lp[..., list(stop_token_ids)].logsumexp(dim=-1)
+    if suffix_ids is not None:
+        num_states, m = state_cols.shape[1], suffix.shape[1]
+        first = state_lp.gather(2, suffix[:, None, :1].expand(-1, num_states, -1)).squeeze(2)  # [B, T+1]
+        copies = log_probs[:, width - start :].reshape(batch, num_states, m, -1)  # [B, T+1, m, V]
+        rest = copies[:, :, :-1].gather(3, suffix[:, None, 1:, None].expand(-1, num_states, -1, -1)).squeeze(3)
+        rest = (rest * suffix_real[:, None, 1:]).sum(dim=2)  # [B, T+1]
+        log_r = log_r + first + rest
+    return log_r
+
+
+class LMStopReward:
+    """log R(s_i ⊤) = log p_LM(s_i ⊤ | X): the model's probability of the prefix and of stopping there."""
+
+    def __init__(self, model, tokenizer, stop_token_ids: Sequence[int]):
+        self.model, self.tokenizer, self.stop_token_ids = model, tokenizer, tuple(stop_token_ids)
+
+    def __call__(self, traj: Trajectories) -> Tensor:
+        with adapter_disabled(self.model), _eval_mode(self.model):
+            log_r = lm_prefix_log_likelihoods(self.model, traj, stop_token_ids=self.stop_token_ids)
+        return check_log_rewards(log_r, traj, type(self).__name__)
+
+
+class LMSuffixReward:
+    """log R(s_i ⊤) = log p_LM(s_i Y | X): the posterior target p_LM(Z | X, Y) ∝ p_LM(X Z Y).
+
+    ``suffix`` maps a query to the text Y (default: ``query.target``). With
+    ``include_prior=False`` only log p_LM(Y | X s_i) is kept (a likelihood-only reward).
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        suffix: Callable[[Query], str] | None = None,
+        include_prior: bool = True,
+    ):
+        self.model, self.tokenizer = model, tokenizer
+        self.suffix = suffix or _query_target
+        self.include_prior = include_prior
+
+    def __call__(self, traj: Trajectories) -> Tensor:
+        suffix_ids = [self.tokenizer(self.suffix(q), add_special_tokens=False)["input_ids"] for q in traj.queries]
+        with adapter_disabled(self.model), _eval_mode(self.model):
+            log_r = lm_prefix_log_likelihoods(
+                self.model, traj, suffix_ids=suffix_ids, pad_token_id=self.tokenizer.pad_token_id or 0
+            )
+            if not self.include_prior:
+                log_r = log_r - lm_prefix_log_likelihoods(self.model, traj)
+        return check_log_rewards(log_r, traj, type(self).__name__)
+
+
+def _query_target(query: Query) -> str:
+    if query.target is None:
+        raise RewardError(f"LMSuffixReward needs query.target (Y) for query {query.prompt!r}")
+    return query.target
+
+
+class TextReward:
+    """Wraps ``fn(texts, queries) -> rewards`` over decoded prefix texts (one call per batch).
+
+    ``fn`` receives the decoded generated text of every prefix state of every trajectory and
+    the matching queries; it returns one number per text: log R if ``log_space`` (default),
+    else R > 0.
+    """
+
+    def __init__(self, fn: Callable[[list[str], list[Query]], Sequence[float]], tokenizer, log_space: bool = True):
+        self.fn, self.tokenizer, self.log_space = fn, tokenizer, log_space
+
+    def __call__(self, traj: Trajectories) -> Tensor:
+        prefixes = traj.generated_texts(self.tokenizer, upto_state=True)
+        texts = [t for row in prefixes for t in row]
+        queries = [q for q, row in zip(traj.queries, prefixes) for _ in row]
+        values = list(self.fn(texts, queries))
+        name = getattr(self.fn, "__name__", "reward function")
+        if len(values) != len(texts):
+            raise RewardError(f"{name} returned {len(values)} rewards for {len(texts)} texts")
+        if not self.log_space:
+            if any(v <= 0 for v in values):
+                raise RewardError(f"{name} returned a non-positive reward; with log_space=False rewards must be > 0")
+            values = [math.log(v) for v in values]
+        log_r = torch.zeros((len(traj), traj.horizon + 1), dtype=torch.float32)
+        it = iter(values)
+        for b, row in enumerate(prefixes):
+            for i in range(len(row)):
+                log_r[b, i] = float(next(it))
+        return check_log_rewards(log_r.to(traj.input_ids.device), traj, name)
+
+
+class SumReward:
+    """Weighted sum of log-rewards: a product of rewards raised to powers."""
+
+    def __init__(self, rewards: Sequence[Reward], weights: Sequence[float] | None = None):
+        self.rewards = list(rewards)
+        self.weights = list(weights) if weights is not None else [1.0] * len(self.rewards)
+
+    def __call__(self, traj: Trajectories) -> Tensor:
+        return sum(w * r(traj) for w, r in zip(self.weights, self.rewards))
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)

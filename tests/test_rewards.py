@@ -1,0 +1,93 @@
+"""Batched prefix rewards against one forward pass per prefix, and reward validation."""
+
+import pytest
+import torch
+
+from gfnlm.reference import per_prefix_log_likelihoods
+from gfnlm.rewards import (
+    LMStopReward,
+    LMSuffixReward,
+    RewardError,
+    SumReward,
+    TextReward,
+    check_log_rewards,
+    lm_prefix_log_likelihoods,
+)
+from gfnlm.trajectories import Query, TrajectoryRecord, Trajectories
+
+RECORDS = [
+    # with tool-inserted tokens (False) after the third action
+    TrajectoryRecord(Query("1", target="=7"), [1, 4], [5, 6, 13, 14, 14, 7], [True, True, True, False, False, True]),
+    TrajectoryRecord(Query("23+4", target="9"), [1, 5, 6, 13, 7], [8, 9], [True, True]),
+    TrajectoryRecord(Query("5", target="+12"), [1, 8], [], []),
+]
+
+
+@pytest.fixture
+def batch():
+    return Trajectories.from_records(RECORDS, pad_token_id=0)
+
+
+def test_stop_reward_matches_per_prefix_passes(tiny_lm, batch):
+    fast = lm_prefix_log_likelihoods(tiny_lm, batch, stop_token_ids=[2])
+    slow = per_prefix_log_likelihoods(tiny_lm, batch, stop_token_ids=[2])
+    for b, n in enumerate(batch.lengths.tolist()):
+        torch.testing.assert_close(fast[b, : n + 1], slow[b, : n + 1], atol=1e-4, rtol=1e-5)
+
+
+def test_suffix_reward_matches_per_prefix_passes(tiny_lm, tokenizer, batch):
+    suffixes = [tokenizer(q.target, add_special_tokens=False)["input_ids"] for q in batch.queries]
+    fast = lm_prefix_log_likelihoods(tiny_lm, batch, suffix_ids=suffixes)
+    slow = per_prefix_log_likelihoods(tiny_lm, batch, suffix_ids=suffixes)
+    for b, n in enumerate(batch.lengths.tolist()):
+        torch.testing.assert_close(fast[b, : n + 1], slow[b, : n + 1], atol=1e-4, rtol=1e-5)
+    # the reward objects agree with the function and validate their output
+    reward = LMSuffixReward(tiny_lm, tokenizer)(batch)
+    torch.testing.assert_close(reward[0, :5], fast[0, :5])
+    likelihood_only = LMSuffixReward(tiny_lm, tokenizer, include_prior=False)(batch)
+    prior = lm_prefix_log_likelihoods(tiny_lm, batch)
+    torch.testing.assert_close(likelihood_only[1, :3], (fast - prior)[1, :3], atol=1e-5, rtol=1e-5)
+
+
+def test_stop_reward_object(tiny_lm, tokenizer, batch):
+    reward = LMStopReward(tiny_lm, tokenizer, stop_token_ids=[2])(batch)
+    assert reward.shape == (3, 5)
+    assert torch.isfinite(reward[0]).all() and (reward[0] < 0).all()
+
+
+def test_suffix_reward_needs_a_target(tiny_lm, tokenizer):
+    batch = Trajectories.from_records([TrajectoryRecord(Query("1"), [1, 4], [5], [True])], pad_token_id=0)
+    with pytest.raises(RewardError, match="target"):
+        LMSuffixReward(tiny_lm, tokenizer)(batch)
+
+
+def test_text_reward_sees_every_prefix(tokenizer, batch):
+    seen = []
+
+    def length_reward(texts, queries):
+        seen.extend(texts)
+        return [float(len(t)) for t in texts]
+
+    log_r = TextReward(length_reward, tokenizer)(batch)
+    assert seen[:5] == ["", "2", "23", "23+--", "23+--4"]
+    assert log_r[0].tolist() == [0.0, 1.0, 2.0, 5.0, 6.0]
+    assert log_r[2, 0] == 0.0
+    doubled = SumReward([TextReward(length_reward, tokenizer)], [2.0])(batch)
+    assert doubled[0, 4] == 12.0
+
+
+@pytest.mark.parametrize(
+    "fn, message",
+    [
+        (lambda texts, queries: [float("nan")] * len(texts), "non-finite"),
+        (lambda texts, queries: [0.0], "returned 1 rewards"),
+    ],
+)
+def test_bad_rewards_get_clear_errors(tokenizer, batch, fn, message):
+    with pytest.raises(RewardError, match=message):
+        TextReward(fn, tokenizer)(batch)
+
+
+def test_wrong_shape_is_named(batch):
+    with pytest.raises(RewardError, match=r"shape \[B, T\+1\]"):
+        check_log_rewards(torch.zeros(3, 2), batch)
