@@ -1,0 +1,382 @@
+"""The GFlowNet fine-tuning loop.
+
+One optimizer step, top to bottom (``GFlowNetTrainer.train_step``):
+
+1. For each of ``grad_accum`` micro-batches, draw ``queries_per_step`` queries and, per query,
+   a source for its ``samples_per_query`` trajectories: the replay buffer, the tempered policy
+   (temperature uniform in [pf_temp_min, pf_temp_max]) or the policy itself.
+2. Sample all policy trajectories of the micro-batch in one batched, KV-cached call (no grad).
+3. Score every prefix's log-reward in one pass (no grad) and divide by the reward temperature.
+4. One teacher-forced forward pass of the policy gives log P_F and log P_⊤ with gradients.
+5. Loss (modified SubTB, TB or DB), backward scaled by 1/grad_accum; new samples enter the buffer.
+6. Clip, step, schedule. A non-finite loss or gradient skips the update.
+
+Checkpoints hold everything a run needs to continue bit for bit: trainable weights, optimizer,
+scheduler, buffer, log Z and all random-number-generator states.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import resource
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from gfnlm.buffer import ReplayBuffer
+from gfnlm.config import TrainConfig
+from gfnlm.losses import detailed_balance_loss, modified_subtb_loss, trajectory_balance_loss
+from gfnlm.rewards import Reward
+from gfnlm.sampling import ToolHook, require_pad_token, sample
+from gfnlm.scoring import score_policy
+from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
+
+logger = logging.getLogger("gfnlm")
+
+TIMING_KEYS = ("samples_per_s", "step_time_s", "peak_memory_mb")
+"""Metrics that measure the machine rather than the run; they differ between identical runs."""
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive non-finite losses; the last good checkpoint is kept."""
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def apply_lora(model, config: TrainConfig):
+    """Wrap ``model`` with a fresh LoRA adapter (peft), or leave it whole when ``lora_rank`` is 0."""
+    if config.lora_rank == 0:
+        return model
+    from peft import LoraConfig, get_peft_model
+
+    if hasattr(model, "peft_config"):
+        return model  # already adapted (e.g. loaded from an adapter folder)
+    lora = LoraConfig(
+        r=config.lora_rank,
+        lora_alpha=config.lora_alpha,
+        lora_dropout=config.lora_dropout,
+        target_modules=config.lora_target_modules,
+        task_type="CAUSAL_LM",
+    )
+    return get_peft_model(model, lora)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+@dataclass
+class MicroBatch:
+    traj: Trajectories
+    log_r: Tensor  # [B, T+1] untempered
+    from_policy: Tensor  # [B] bool: sampled now (enters the buffer), not replayed
+
+
+class GFlowNetTrainer:
+    """Fine-tunes ``model`` so that it samples trajectories with probability ∝ ``reward``.
+
+    ``queries`` are the training inputs X; ``space`` fixes stop tokens, lengths and allowed
+    tokens; ``tool`` optionally inserts context tokens after actions (e.g. a calculator).
+    With ``output_dir`` the run writes ``metrics.jsonl`` and checkpoints and can resume.
+    """
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        reward: Reward,
+        queries: Sequence[Query],
+        space: ActionSpace,
+        config: TrainConfig | None = None,
+        tool: ToolHook | None = None,
+        output_dir: str | Path | None = None,
+    ):
+        self.config = config or TrainConfig()
+        self.config.validate()
+        if not queries:
+            raise ValueError("GFlowNetTrainer needs at least one training query")
+        self.tokenizer, self.reward, self.space, self.tool = tokenizer, reward, space, tool
+        self.pad_id = require_pad_token(tokenizer)
+        self.queries = list(queries)
+        self.query_index = {q.key: i for i, q in enumerate(self.queries)}
+        self.device = resolve_device(self.config.device)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+
+        torch.manual_seed(self.config.seed)  # LoRA initialisation
+        self.model = apply_lora(model, self.config).to(self.device)
+        self.generator = torch.Generator().manual_seed(self.config.seed)  # all sampling and batch draws
+        self.buffer = ReplayBuffer(self.config.buffer_capacity, self.config.buffer_sampling)
+        self.log_z = torch.nn.Parameter(torch.zeros(len(self.queries), device=self.device))
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.config.lr}]
+        if self.config.loss == "tb":
+            groups.append({"params": [self.log_z], "lr": self.config.log_z_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+        warmup = self.config.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+        self.step = 0
+        self.nan_streak = 0
+
+    # ----------------------------------------------------------------- schedules
+    def reward_temperature(self, step: int | None = None) -> float:
+        c = self.config
+        step = self.step if step is None else step
+        if c.reward_temp_horizon == 0:
+            return c.reward_temp_end
+        frac = min(1.0, step / c.reward_temp_horizon)
+        return c.reward_temp_start + frac * (c.reward_temp_end - c.reward_temp_start)
+
+    # ----------------------------------------------------------------- batches
+    def seed_buffer(self, records: Sequence[TrajectoryRecord], batch_size: int = 32) -> int:
+        """Score given trajectories (e.g. known-good rationales) and put them in the replay buffer."""
+        added = 0
+        for start in range(0, len(records), batch_size):
+            chunk = list(records[start : start + batch_size])
+            traj = Trajectories.from_records(chunk, self.pad_id, self.device)
+            log_r = self.reward(traj)
+            added += self.buffer.add(chunk, self._terminal(log_r, traj).tolist())
+        return added
+
+    def _terminal(self, log_r: Tensor, traj: Trajectories) -> Tensor:
+        return log_r.gather(1, traj.lengths[:, None].to(log_r.device)).squeeze(1)
+
+    def draw_micro_batch(self) -> MicroBatch:
+        """Steps 1-3: compose one micro-batch from replay, tempered and on-policy sources."""
+        c = self.config
+        picks = torch.randint(len(self.queries), (c.queries_per_step,), generator=self.generator).tolist()
+        sampled_queries: list[Query] = []
+        temperatures: list[float] = []
+        replayed: list[TrajectoryRecord] = []
+        for i in picks:
+            query = self.queries[i]
+            u = float(torch.rand((), generator=self.generator))
+            if u < c.p_replay and self.buffer.size(query) > 0:
+                replayed += self.buffer.sample(query, c.samples_per_query, self.generator)
+                continue
+            temperature = 1.0
+            if u < c.p_replay + c.p_tempered:
+                r = float(torch.rand((), generator=self.generator))
+                temperature = c.pf_temp_min + r * (c.pf_temp_max - c.pf_temp_min)
+            sampled_queries += [query] * c.samples_per_query
+            temperatures += [temperature] * c.samples_per_query
+        records: list[TrajectoryRecord] = []
+        if sampled_queries:
+            fresh = sample(
+                self.model, self.tokenizer, sampled_queries, self.space, temperature=temperatures,
+                generator=self.generator, tool=self.tool,
+            )
+            records = fresh.records()
+        from_policy = torch.tensor([True] * len(records) + [False] * len(replayed))
+        traj = Trajectories.from_records(records + replayed, self.pad_id, self.device)
+        log_r = self.reward(traj)
+        return MicroBatch(traj, log_r, from_policy)
+
+    def loss(self, batch: MicroBatch, reward_temperature: float) -> Tensor:
+        """Step 4-5: the GFlowNet objective on one micro-batch (with gradients)."""
+        traj = batch.traj
+        log_pf, log_pterm = score_policy(self.model, traj, self.space)
+        log_r = batch.log_r.to(log_pf.device) / reward_temperature
+        lengths = traj.lengths
+        if self.config.loss == "subtb":
+            return modified_subtb_loss(log_pf, log_pterm, log_r, lengths, self.config.subtb_lambda)
+        if self.config.loss == "db":
+            return detailed_balance_loss(log_pf, log_pterm, log_r, lengths)
+        index = torch.tensor([self.query_index[q.key] for q in traj.queries], device=self.device)
+        return trajectory_balance_loss(log_pf, log_pterm, log_r, lengths, self.log_z[index])
+
+    # ----------------------------------------------------------------- one step
+    def train_step(self) -> dict:
+        c = self.config
+        start = time.perf_counter()
+        reward_temperature = self.reward_temperature()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, terminal, lengths, n_samples, finite = [], [], [], 0, True
+        for _ in range(c.grad_accum):
+            batch = self.draw_micro_batch()
+            loss = self.loss(batch, reward_temperature)
+            if not torch.isfinite(loss):
+                finite = False
+                losses.append(loss.item())
+                break
+            (loss / c.grad_accum).backward()
+            losses.append(loss.item())
+            log_r_end = self._terminal(batch.log_r, batch.traj)
+            fresh = batch.from_policy.nonzero().flatten().tolist()
+            records = batch.traj.records()
+            self.buffer.add([records[i] for i in fresh], [float(log_r_end[i]) for i in fresh])
+            terminal.append(log_r_end.cpu())
+            lengths.append(batch.traj.lengths.float().cpu())
+            n_samples += len(batch.traj)
+
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = float("nan")
+        if finite:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf")))
+            finite = math.isfinite(grad_norm)
+        if finite:
+            self.optimizer.step()
+            self.nan_streak = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nan_streak += 1
+            logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", self.step + 1, self.nan_streak)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step += 1
+        elapsed = time.perf_counter() - start
+        terminal_r = torch.cat(terminal) if terminal else torch.zeros(1)
+        metrics = {
+            "step": self.step,
+            "loss": sum(losses) / len(losses),
+            "log_reward_mean": float(terminal_r.mean()),
+            "log_reward_max": float(terminal_r.max()),
+            "mean_length": float(torch.cat(lengths).mean()) if lengths else 0.0,
+            "reward_temperature": reward_temperature,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "buffer_size": len(self.buffer),
+            "skipped": not finite,
+            "samples_per_s": n_samples / elapsed,
+            "step_time_s": elapsed,
+            "peak_memory_mb": peak_memory_mb(self.device),
+        }
+        if c.loss == "tb":
+            metrics["log_z_mean"] = self.log_z.detach().mean().item()
+        return metrics
+
+    # ----------------------------------------------------------------- the run
+    def train(self, resume: bool = False) -> list[dict]:
+        """Run until ``config.steps``; with ``resume`` continue from the latest checkpoint."""
+        c = self.config
+        history: list[dict] = []
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if resume:
+                self.load_latest_checkpoint()
+            elif self.latest_checkpoint() is not None:
+                raise FileExistsError(
+                    f"{self.output_dir} already holds checkpoints; pass resume=True (--resume) to continue "
+                    "that run, or choose another output directory"
+                )
+            self._truncate_metrics()
+        bar = tqdm(total=c.steps, initial=self.step, desc="gfn", disable=not c.progress, dynamic_ncols=True)
+        try:
+            while self.step < c.steps:
+                metrics = self.train_step()
+                history.append(metrics)
+                bar.update(1)
+                bar.set_postfix(loss=f"{metrics['loss']:.3g}", logR=f"{metrics['log_reward_mean']:.2f}",
+                                sps=f"{metrics['samples_per_s']:.1f}")
+                if self.output_dir is not None:
+                    if self.step % c.log_every == 0 or self.step == c.steps:
+                        with open(self.output_dir / "metrics.jsonl", "a") as f:
+                            f.write(json.dumps(metrics) + "\n")
+                    if self.nan_streak == 0 and (self.step % c.save_every == 0 or self.step == c.steps):
+                        self.save_checkpoint()
+                if self.nan_streak >= c.max_nan_steps:
+                    where = f"; last good checkpoint: {self.latest_checkpoint()}" if self.output_dir else ""
+                    raise TrainingDiverged(f"{self.nan_streak} non-finite losses in a row at step {self.step}{where}")
+        finally:
+            bar.close()
+        return history
+
+    @torch.no_grad()
+    def sample(self, queries: Sequence[Query], temperature: float = 1.0) -> Trajectories:
+        """Draw one trajectory per query from the current policy."""
+        return sample(self.model, self.tokenizer, queries, self.space, temperature, self.generator, self.tool)
+
+    # ----------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        if self.output_dir is None:
+            raise ValueError("this trainer has no output_dir")
+        return self.output_dir / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        if self.output_dir is None or not self.checkpoint_root.is_dir():
+            return None
+        done = sorted(p for p in self.checkpoint_root.glob("step-*") if (p / "trainer_state.pt").is_file())
+        return done[-1] if done else None
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint to a temporary folder, then rename it into place (atomic)."""
+        final = self.checkpoint_root / f"step-{self.step:07d}"
+        tmp = self.checkpoint_root / f".tmp-step-{self.step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+        save_file(trainable, tmp / "trainable.safetensors")
+        if hasattr(self.model, "peft_config"):
+            self.model.save_pretrained(tmp / "adapter")  # peft format, for `gfnlm eval --adapter`
+        state = {
+            "step": self.step,
+            "nan_streak": self.nan_streak,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "buffer": self.buffer.state_dict(),
+            "log_z": self.log_z.detach().cpu(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        torch.save(state, tmp / "trainer_state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        old = sorted(p for p in self.checkpoint_root.glob("step-*"))[: -self.config.keep_checkpoints]
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+        return final
+
+    def load_latest_checkpoint(self) -> bool:
+        path = self.latest_checkpoint()
+        if path is None:
+            logger.info("no checkpoint in %s; starting from scratch", self.checkpoint_root)
+            return False
+        trainable = load_file(path / "trainable.safetensors", device=str(self.device))
+        missing = set(trainable) - {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if missing:
+            raise ValueError(f"checkpoint {path} does not fit this model (e.g. {sorted(missing)[:3]})")
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in trainable.items():
+                params[name].copy_(value)
+        state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
+        self.step, self.nan_streak = int(state["step"]), int(state["nan_streak"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.buffer.load_state_dict(state["buffer"])
+        with torch.no_grad():
+            self.log_z.copy_(state["log_z"].to(self.device))
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        logger.info("resumed from %s (step %d)", path, self.step)
+        return True
+
+    def _truncate_metrics(self) -> None:
+        """Drop metrics logged after the step we (re)start from, so a resumed log has no duplicates."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))

@@ -1,0 +1,105 @@
+"""Trainer mechanics: exact resume, gradient accumulation, NaN handling, batch composition."""
+
+import json
+
+import pytest
+import torch
+from conftest import make_tiny_lm
+from test_exactness import ALLOWED, QUERY, STOP, TableReward
+
+from gfnlm.config import TrainConfig
+from gfnlm.trainer import TIMING_KEYS, GFlowNetTrainer, TrainingDiverged
+from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
+
+SPACE = ActionSpace(stop_token_ids=(STOP,), max_len=3, allowed_token_ids=ALLOWED)
+QUERIES = [QUERY, Query("8"), Query("9+1")]
+
+
+def make_trainer(tokenizer, output_dir=None, reward=None, **overrides):
+    settings = dict(steps=6, queries_per_step=2, samples_per_query=4, lr=1e-3, lora_rank=4, lora_dropout=0.1,
+                    save_every=2, device="cpu", progress=False, p_replay=0.3, p_tempered=0.4)
+    settings.update(overrides)
+    return GFlowNetTrainer(make_tiny_lm(), tokenizer, reward or TableReward(0), QUERIES, SPACE,
+                           TrainConfig(**settings), output_dir=output_dir)
+
+
+def read_metrics(path):
+    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+
+
+def test_kill_and_resume_gives_identical_metrics(tokenizer, tmp_path):
+    whole = make_trainer(tokenizer, tmp_path / "whole")
+    whole.train()
+    # "killed" after step 4: a run configured for 6 steps that stops at 4, then a fresh process resumes
+    part = make_trainer(tokenizer, tmp_path / "part", steps=4)
+    part.train()
+    with open(tmp_path / "part" / "metrics.jsonl", "a") as f:  # a line logged after the last checkpoint
+        f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")
+    resumed = make_trainer(tokenizer, tmp_path / "part")
+    resumed.train(resume=True)
+    assert resumed.step == 6
+    assert read_metrics(tmp_path / "part") == read_metrics(tmp_path / "whole")
+    assert len(read_metrics(tmp_path / "whole")) == 6
+    # LoRA weights end identical, and the adapter is saved in peft format
+    for (n, a), (_, b) in zip(whole.model.named_parameters(), resumed.model.named_parameters()):
+        assert torch.equal(a, b), n
+    assert (resumed.latest_checkpoint() / "adapter" / "adapter_config.json").is_file()
+    assert len(list((tmp_path / "part" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
+
+
+def test_fresh_run_refuses_a_used_output_dir(tokenizer, tmp_path):
+    make_trainer(tokenizer, tmp_path, steps=2).train()
+    with pytest.raises(FileExistsError, match="--resume"):
+        make_trainer(tokenizer, tmp_path, steps=2).train()
+
+
+def test_training_changes_only_lora_parameters(tokenizer):
+    trainer = make_trainer(tokenizer, steps=3)
+    before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and all("lora_" in n for n in changed)
+
+
+def test_gradient_accumulation_averages_micro_batches(tokenizer):
+    """A step with grad_accum=2 accumulates the gradient of the mean of the two micro-batch losses."""
+    trainer = make_trainer(tokenizer, grad_accum=2, lora_dropout=0.0, p_replay=0.0, max_grad_norm=0.0)
+    g_state = trainer.generator.get_state()
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+    batches = [trainer.draw_micro_batch() for _ in range(2)]
+    manual = torch.autograd.grad(sum(trainer.loss(b, 1.0) for b in batches) / 2, params)
+    single = torch.autograd.grad(trainer.loss(batches[0], 1.0), params)
+    trainer.generator.set_state(g_state)
+    trainer.train_step()  # leaves the accumulated gradients in .grad until the next step
+    for p, expected, one in zip(params, manual, single):
+        torch.testing.assert_close(p.grad, expected, atol=1e-6, rtol=1e-4)
+    assert any(not torch.allclose(e, o) for e, o in zip(manual, single))
+
+
+def test_nan_loss_skips_update_then_stops(tokenizer, tmp_path):
+    class NaNAfterTwo(TableReward):
+        def __call__(self, traj):
+            out = super().__call__(traj)
+            return out * float("nan") if self.calls > 2 else out
+
+    trainer = make_trainer(tokenizer, tmp_path, reward=NaNAfterTwo(0), steps=20, max_nan_steps=3, save_every=1,
+                           p_replay=0.0)
+    with pytest.raises(TrainingDiverged, match="3 non-finite losses in a row"):
+        trainer.train()
+    rows = read_metrics(tmp_path)
+    assert [r["skipped"] for r in rows] == [False, False, True, True, True]
+    assert trainer.latest_checkpoint().name == "step-0000002"  # the last good one
+
+
+def test_replay_buffer_is_filled_and_used(tokenizer):
+    trainer = make_trainer(tokenizer, steps=4, p_replay=0.5)
+    trainer.seed_buffer([TrajectoryRecord(QUERY, [1, 10], [3, 4], [True, True])])
+    assert trainer.buffer.size(QUERY) == 1
+    trainer.train()
+    assert len(trainer.buffer) > 3
+
+
+def test_reward_temperature_anneals_linearly(tokenizer):
+    trainer = make_trainer(tokenizer, reward_temp_start=2.0, reward_temp_end=1.0, reward_temp_horizon=10)
+    assert [trainer.reward_temperature(s) for s in (0, 5, 10, 50)] == [2.0, 1.5, 1.0, 1.0]
