@@ -25,10 +25,7 @@ def per_prefix_log_likelihoods(
     device = traj.input_ids.device
     out = torch.zeros((len(traj), traj.horizon + 1), dtype=torch.float32, device=device)
     for b, record in enumerate(traj.records()):
-        # state i ends just before action i+1 (tool tokens after action i belong to state i)
-        action_pos = [k for k, is_act in enumerate(record.is_action) if is_act]
-        ends = [action_pos[i] if i < len(action_pos) else len(record.generated_ids) for i in range(len(action_pos) + 1)]
-        for i, end in enumerate(ends):
+        for i, end in enumerate(record.state_ends()):
             generated = record.generated_ids[:end]
             suffix = list(suffix_ids[b]) if suffix_ids is not None else []
             ids = torch.tensor([record.prompt_ids + generated + suffix], device=device)

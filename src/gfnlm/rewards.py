@@ -207,14 +207,22 @@ class TextReward:
 
     ``fn`` receives the decoded generated text of every prefix state of every trajectory and
     the matching queries; it returns one number per text: log R if ``log_space`` (default),
-    else R > 0.
+    else R > 0. With ``skip_special_tokens=False`` special tokens stay in the text, so that a
+    reward can reject them.
     """
 
-    def __init__(self, fn: Callable[[list[str], list[Query]], Sequence[float]], tokenizer, log_space: bool = True):
+    def __init__(
+        self,
+        fn: Callable[[list[str], list[Query]], Sequence[float]],
+        tokenizer,
+        log_space: bool = True,
+        skip_special_tokens: bool = True,
+    ):
         self.fn, self.tokenizer, self.log_space = fn, tokenizer, log_space
+        self.skip_special_tokens = skip_special_tokens
 
     def __call__(self, traj: Trajectories) -> Tensor:
-        prefixes = traj.generated_texts(self.tokenizer, upto_state=True)
+        prefixes = traj.generated_texts(self.tokenizer, upto_state=True, skip_special_tokens=self.skip_special_tokens)
         texts = [t for row in prefixes for t in row]
         queries = [q for q, row in zip(traj.queries, prefixes) for _ in row]
         values = list(self.fn(texts, queries))

@@ -113,11 +113,9 @@ def sample(
             log_probs = space.masked_log_probs(logits)  # [B, V] the policy at temperature 1
             forced = n_actions >= space.max_len
             stop_lp = torch.where(forced, 0.0, space.stop_log_prob(log_probs))  # [B]
-            behaviour = log_probs / temps[:, None]
-            behaviour[:, stop_ids] = behaviour[:, stop_ids].masked_fill((n_actions < space.min_len)[:, None], float("-inf"))
-            probs = behaviour.softmax(dim=-1).cpu()
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1).to(device)  # [B]
-            stops = forced | torch.isin(token, stop_ids)
+            behaviour = space.sampling_log_probs(log_probs, n_actions, temps)
+            token = torch.multinomial(behaviour.exp().cpu(), 1, generator=generator).squeeze(1).to(device)  # [B]
+            stops = torch.isin(token, stop_ids)
             token_lp = log_probs.gather(1, token[:, None]).squeeze(1)
 
             chunks: list[list[int]] = [[] for _ in range(batch)]

@@ -13,13 +13,8 @@ from torch import Tensor
 from gfnlm.trajectories import ActionSpace, Trajectories
 
 
-def state_log_probs(model, traj: Trajectories, space: ActionSpace) -> tuple[Tensor, Tensor]:
-    """log q(z_{i+1} | s_i) [B, T] and log q(⊤ | s_i) [B, T+1] under ``space``'s mask.
-
-    No forced stop is applied here: this is also what LM rewards use, where the model's own
-    stop probability at the last state matters. Entries past each trajectory's length are
-    finite but meaningless.
-    """
+def state_logits(model, traj: Trajectories) -> Tensor:
+    """Next-token logits at the last token of every state s_0 .. s_T: [B, T+1, V]."""
     keep = traj.input_ids.shape[1] - traj.prompt_len + 1  # columns P-1 .. L-1
     out = model(
         input_ids=traj.input_ids,
@@ -30,13 +25,28 @@ def state_log_probs(model, traj: Trajectories, space: ActionSpace) -> tuple[Tens
     )
     logits = out.logits  # [B, keep, V]
     state_cols = traj.state_columns() - (traj.prompt_len - 1)  # [B, T+1] into the kept columns
-    vocab = logits.shape[-1]
-    state_logits = logits.gather(1, state_cols[..., None].expand(-1, -1, vocab))  # [B, T+1, V]
-    log_probs = space.masked_log_probs(state_logits.float())  # [B, T+1, V]
+    return logits.gather(1, state_cols[..., None].expand(-1, -1, logits.shape[-1]))
+
+
+def state_log_probs(model, traj: Trajectories, space: ActionSpace) -> tuple[Tensor, Tensor]:
+    """log q(z_{i+1} | s_i) [B, T] and log q(⊤ | s_i) [B, T+1] under ``space``'s mask.
+
+    No forced stop is applied here. Entries past each trajectory's length are finite but
+    meaningless.
+    """
+    log_probs = space.masked_log_probs(state_logits(model, traj).float())  # [B, T+1, V]
     log_pterm = space.stop_log_prob(log_probs)  # [B, T+1]
     actions = traj.input_ids.gather(1, traj.action_columns())  # [B, T]
     log_pf = log_probs[:, :-1].gather(2, actions[..., None]).squeeze(2)  # [B, T]
     return log_pf, log_pterm
+
+
+@torch.no_grad()
+def final_state_log_probs(model, traj: Trajectories, space: ActionSpace) -> Tensor:
+    """The policy's masked next-token log-probs at each trajectory's last state s_{n_b}: [B, V]."""
+    logits = state_logits(model, traj)  # [B, T+1, V]
+    final = logits.gather(1, traj.lengths[:, None, None].expand(-1, 1, logits.shape[-1])).squeeze(1)
+    return space.masked_log_probs(final.float())
 
 
 def score_policy(model, traj: Trajectories, space: ActionSpace) -> tuple[Tensor, Tensor]:

@@ -75,6 +75,22 @@ class ActionSpace:
         """log q(⊤ | s): the stop tokens' probabilities summed. [..., V] -> [...]."""
         return log_probs[..., list(self.stop_token_ids)].logsumexp(dim=-1)
 
+    def sampling_log_probs(self, log_probs: Tensor, n_actions: Tensor, temperature: Tensor | float = 1.0) -> Tensor:
+        """The distribution the sampler draws from at states with ``n_actions`` actions. [B, V] -> [B, V].
+
+        ``log_probs`` are the policy's (``masked_log_probs``). Tempered by ``temperature`` ([B] or
+        scalar), stop masked before ``min_len``, only the first stop token at ``max_len``.
+        """
+        temperature = torch.as_tensor(temperature, dtype=log_probs.dtype, device=log_probs.device)
+        out = log_probs / temperature.reshape(-1, 1) if temperature.ndim else log_probs / temperature
+        stops = list(self.stop_token_ids)
+        too_short = (n_actions < self.min_len)[:, None]
+        out[:, stops] = out[:, stops].masked_fill(too_short, float("-inf"))
+        forced = (n_actions >= self.max_len)[:, None]
+        only_stop = torch.full_like(out, float("-inf"))
+        only_stop[:, stops[0]] = 0.0
+        return torch.where(forced, only_stop, out).log_softmax(dim=-1)
+
 
 @dataclass
 class TrajectoryRecord:
@@ -88,6 +104,13 @@ class TrajectoryRecord:
     @property
     def length(self) -> int:
         return sum(self.is_action)
+
+    def state_ends(self) -> list[int]:
+        """For each state s_0..s_n, how many generated tokens it holds.
+
+        State i ends just before action i+1, so tool tokens after action i belong to state i.
+        """
+        return [k for k, is_act in enumerate(self.is_action) if is_act] + [len(self.generated_ids)]
 
 
 @dataclass
@@ -147,15 +170,16 @@ class Trajectories:
         past_end = state_index > self.lengths[:, None]
         return torch.where(past_end, final, cols)
 
-    def generated_texts(self, tokenizer, upto_state: bool = False) -> list[str] | list[list[str]]:
+    def generated_texts(
+        self, tokenizer, upto_state: bool = False, skip_special_tokens: bool = True
+    ) -> list[str] | list[list[str]]:
         """Decoded generated text of each trajectory, or of every prefix state s_0..s_{n_b}."""
         records = self.records()
         if not upto_state:
-            return [tokenizer.decode(r.generated_ids, skip_special_tokens=True) for r in records]
+            return [tokenizer.decode(r.generated_ids, skip_special_tokens=skip_special_tokens) for r in records]
         out = []
         for r in records:
-            ends = [i for i, a in enumerate(r.is_action) if a] + [len(r.generated_ids)]
-            out.append([tokenizer.decode(r.generated_ids[:end], skip_special_tokens=True) for end in ends])
+            out.append([tokenizer.decode(r.generated_ids[:end], skip_special_tokens=skip_special_tokens) for end in r.state_ends()])
         return out
 
     def records(self) -> list[TrajectoryRecord]:
