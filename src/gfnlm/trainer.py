@@ -88,13 +88,220 @@ class MicroBatch:
     from_policy: Tensor  # [B] bool: sampled now (enters the buffer), not replayed
 
 
-class GFlowNetTrainer:
+class Trainer:
+    """What every fine-tuning method shares: LoRA, optimiser, warm-up, the loop, logging, checkpoints.
+
+    A method implements ``train_step`` (one optimizer step, returning its metrics) and may add
+    parameters (``extra_parameters``) and state (``extra_state``) that checkpoints must carry.
+    """
+
+    name = "train"
+
+    def __init__(
+        self,
+        model,
+        tokenizer,
+        space: ActionSpace,
+        config: TrainConfig | None = None,
+        tool: ToolHook | None = None,
+        output_dir: str | Path | None = None,
+    ):
+        self.config = config or TrainConfig()
+        self.config.validate()
+        self.tokenizer, self.space, self.tool = tokenizer, space, tool
+        self.pad_id = require_pad_token(tokenizer)
+        self.device = resolve_device(self.config.device)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        torch.manual_seed(self.config.seed)  # LoRA and head initialisation
+        self.model = apply_lora(model, self.config).to(self.device)
+        self.generator = torch.Generator().manual_seed(self.config.seed)  # all sampling and batch draws
+        self.step = 0
+        self.nan_streak = 0
+
+    def build_optimizer(self) -> None:
+        """Call at the end of a subclass's __init__, once its extra parameters exist."""
+        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.config.lr}]
+        groups += self.extra_parameters()
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+        warmup = self.config.warmup_steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
+        )
+
+    def extra_parameters(self) -> list[dict]:
+        """Optimizer parameter groups beyond the model's trainable weights (e.g. log Z)."""
+        return []
+
+    def extra_state(self) -> dict:
+        """Method state a checkpoint must carry (plain containers and tensors)."""
+        return {}
+
+    def load_extra_state(self, state: dict) -> None:
+        pass
+
+    def train_step(self) -> dict:
+        raise NotImplementedError
+
+    def apply_gradients(self) -> tuple[bool, float]:
+        """Clip and step unless a gradient is non-finite; returns (updated, grad norm)."""
+        c = self.config
+        params = [p for group in self.optimizer.param_groups for p in group["params"]]
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf")))
+        if math.isfinite(grad_norm):
+            self.optimizer.step()
+            return True, grad_norm
+        self.optimizer.zero_grad(set_to_none=True)
+        return False, grad_norm
+
+    def finish_step(self, metrics: dict, updated: bool, n_samples: int, started: float) -> dict:
+        """Advance the schedule and the step counter; add what every method logs."""
+        if updated:
+            self.nan_streak = 0
+        else:
+            self.nan_streak += 1
+            logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", self.step + 1, self.nan_streak)
+        lr = self.optimizer.param_groups[0]["lr"]
+        self.scheduler.step()
+        self.step += 1
+        elapsed = time.perf_counter() - started
+        return {
+            "step": self.step,
+            **metrics,
+            "lr": lr,
+            "skipped": not updated,
+            "samples_per_s": n_samples / elapsed,
+            "step_time_s": elapsed,
+            "peak_memory_mb": peak_memory_mb(self.device),
+        }
+
+    # ----------------------------------------------------------------- the run
+    progress_keys = ("loss", "samples_per_s")
+
+    def train(self, resume: bool = False) -> list[dict]:
+        """Run until ``config.steps``; with ``resume`` continue from the latest checkpoint."""
+        c = self.config
+        history: list[dict] = []
+        if self.output_dir is not None:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if resume:
+                self.load_latest_checkpoint()
+            elif self.latest_checkpoint() is not None:
+                raise FileExistsError(
+                    f"{self.output_dir} already holds checkpoints; pass resume=True (--resume) to continue "
+                    "that run, or choose another output directory"
+                )
+            self._truncate_metrics()
+        bar = tqdm(total=c.steps, initial=self.step, desc=self.name, disable=not c.progress, dynamic_ncols=True)
+        try:
+            while self.step < c.steps:
+                metrics = self.train_step()
+                history.append(metrics)
+                bar.update(1)
+                bar.set_postfix({k: f"{metrics[k]:.3g}" for k in self.progress_keys if k in metrics})
+                if self.output_dir is not None:
+                    if self.step % c.log_every == 0 or self.step == c.steps:
+                        with open(self.output_dir / "metrics.jsonl", "a") as f:
+                            f.write(json.dumps(metrics) + "\n")
+                    if self.nan_streak == 0 and (self.step % c.save_every == 0 or self.step == c.steps):
+                        self.save_checkpoint()
+                if self.nan_streak >= c.max_nan_steps:
+                    where = f"; last good checkpoint: {self.latest_checkpoint()}" if self.output_dir else ""
+                    raise TrainingDiverged(f"{self.nan_streak} non-finite losses in a row at step {self.step}{where}")
+        finally:
+            bar.close()
+        return history
+
+    @torch.no_grad()
+    def sample(self, queries: Sequence[Query], temperature: float = 1.0) -> Trajectories:
+        """Draw one trajectory per query from the current policy."""
+        return sample(self.model, self.tokenizer, queries, self.space, temperature, self.generator, self.tool)
+
+    # ----------------------------------------------------------------- checkpoints
+    @property
+    def checkpoint_root(self) -> Path:
+        if self.output_dir is None:
+            raise ValueError("this trainer has no output_dir")
+        return self.output_dir / "checkpoints"
+
+    def latest_checkpoint(self) -> Path | None:
+        if self.output_dir is None or not self.checkpoint_root.is_dir():
+            return None
+        done = sorted(p for p in self.checkpoint_root.glob("step-*") if (p / "trainer_state.pt").is_file())
+        return done[-1] if done else None
+
+    def save_checkpoint(self) -> Path:
+        """Write a checkpoint to a temporary folder, then rename it into place (atomic)."""
+        final = self.checkpoint_root / f"step-{self.step:07d}"
+        tmp = self.checkpoint_root / f".tmp-step-{self.step:07d}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
+        save_file(trainable, tmp / "trainable.safetensors")
+        if hasattr(self.model, "peft_config"):
+            self.model.save_pretrained(tmp / "adapter")  # peft format, for `gfnlm eval --adapter`
+        state = {
+            "step": self.step,
+            "nan_streak": self.nan_streak,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "extra": self.extra_state(),
+            "generator": self.generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        }
+        torch.save(state, tmp / "trainer_state.pt")
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        old = sorted(p for p in self.checkpoint_root.glob("step-*"))[: -self.config.keep_checkpoints]
+        for path in old:
+            shutil.rmtree(path, ignore_errors=True)
+        return final
+
+    def load_latest_checkpoint(self) -> bool:
+        path = self.latest_checkpoint()
+        if path is None:
+            logger.info("no checkpoint in %s; starting from scratch", self.checkpoint_root)
+            return False
+        trainable = load_file(path / "trainable.safetensors", device=str(self.device))
+        missing = set(trainable) - {n for n, p in self.model.named_parameters() if p.requires_grad}
+        if missing:
+            raise ValueError(f"checkpoint {path} does not fit this model (e.g. {sorted(missing)[:3]})")
+        params = dict(self.model.named_parameters())
+        with torch.no_grad():
+            for name, value in trainable.items():
+                params[name].copy_(value)
+        state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
+        self.step, self.nan_streak = int(state["step"]), int(state["nan_streak"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.load_extra_state(state["extra"])
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        logger.info("resumed from %s (step %d)", path, self.step)
+        return True
+
+    def _truncate_metrics(self) -> None:
+        """Drop metrics logged after the step we (re)start from, so a resumed log has no duplicates."""
+        path = self.output_dir / "metrics.jsonl"
+        if not path.exists():
+            return
+        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+class GFlowNetTrainer(Trainer):
     """Fine-tunes ``model`` so that it samples trajectories with probability ∝ ``reward``.
 
     ``queries`` are the training inputs X; ``space`` fixes stop tokens, lengths and allowed
     tokens; ``tool`` optionally inserts context tokens after actions (e.g. a calculator).
     With ``output_dir`` the run writes ``metrics.jsonl`` and checkpoints and can resume.
     """
+
+    name = "gfn"
+    progress_keys = ("loss", "log_reward_mean", "samples_per_s")
 
     def __init__(
         self,
@@ -107,32 +314,26 @@ class GFlowNetTrainer:
         tool: ToolHook | None = None,
         output_dir: str | Path | None = None,
     ):
-        self.config = config or TrainConfig()
-        self.config.validate()
         if not queries:
             raise ValueError("GFlowNetTrainer needs at least one training query")
-        self.tokenizer, self.reward, self.space, self.tool = tokenizer, reward, space, tool
-        self.pad_id = require_pad_token(tokenizer)
+        super().__init__(model, tokenizer, space, config, tool, output_dir)
+        self.reward = reward
         self.queries = list(queries)
         self.query_index = {q.key: i for i, q in enumerate(self.queries)}
-        self.device = resolve_device(self.config.device)
-        self.output_dir = Path(output_dir) if output_dir is not None else None
-
-        torch.manual_seed(self.config.seed)  # LoRA initialisation
-        self.model = apply_lora(model, self.config).to(self.device)
-        self.generator = torch.Generator().manual_seed(self.config.seed)  # all sampling and batch draws
         self.buffer = ReplayBuffer(self.config.buffer_capacity, self.config.buffer_sampling)
         self.log_z = torch.nn.Parameter(torch.zeros(len(self.queries), device=self.device))
-        groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.config.lr}]
-        if self.config.loss == "tb":
-            groups.append({"params": [self.log_z], "lr": self.config.log_z_lr})
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
-        warmup = self.config.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
-        self.step = 0
-        self.nan_streak = 0
+        self.build_optimizer()
+
+    def extra_parameters(self) -> list[dict]:
+        return [{"params": [self.log_z], "lr": self.config.log_z_lr}] if self.config.loss == "tb" else []
+
+    def extra_state(self) -> dict:
+        return {"buffer": self.buffer.state_dict(), "log_z": self.log_z.detach().cpu()}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.buffer.load_state_dict(state["buffer"])
+        with torch.no_grad():
+            self.log_z.copy_(state["log_z"].to(self.device))
 
     # ----------------------------------------------------------------- schedules
     def reward_temperature(self, step: int | None = None) -> float:
@@ -226,157 +427,17 @@ class GFlowNetTrainer:
             lengths.append(batch.traj.lengths.float().cpu())
             n_samples += len(batch.traj)
 
-        params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = float("nan")
-        if finite:
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf")))
-            finite = math.isfinite(grad_norm)
-        if finite:
-            self.optimizer.step()
-            self.nan_streak = 0
-        else:
-            self.optimizer.zero_grad(set_to_none=True)
-            self.nan_streak += 1
-            logger.warning("step %d: non-finite loss or gradient, update skipped (%d in a row)", self.step + 1, self.nan_streak)
-        lr = self.optimizer.param_groups[0]["lr"]
-        self.scheduler.step()
-        self.step += 1
-        elapsed = time.perf_counter() - start
+        updated, grad_norm = self.apply_gradients() if finite else (False, float("nan"))
         terminal_r = torch.cat(terminal) if terminal else torch.zeros(1)
         metrics = {
-            "step": self.step,
             "loss": sum(losses) / len(losses),
             "log_reward_mean": float(terminal_r.mean()),
             "log_reward_max": float(terminal_r.max()),
             "mean_length": float(torch.cat(lengths).mean()) if lengths else 0.0,
             "reward_temperature": reward_temperature,
-            "lr": lr,
             "grad_norm": grad_norm,
             "buffer_size": len(self.buffer),
-            "skipped": not finite,
-            "samples_per_s": n_samples / elapsed,
-            "step_time_s": elapsed,
-            "peak_memory_mb": peak_memory_mb(self.device),
         }
         if c.loss == "tb":
             metrics["log_z_mean"] = self.log_z.detach().mean().item()
-        return metrics
-
-    # ----------------------------------------------------------------- the run
-    def train(self, resume: bool = False) -> list[dict]:
-        """Run until ``config.steps``; with ``resume`` continue from the latest checkpoint."""
-        c = self.config
-        history: list[dict] = []
-        if self.output_dir is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            if resume:
-                self.load_latest_checkpoint()
-            elif self.latest_checkpoint() is not None:
-                raise FileExistsError(
-                    f"{self.output_dir} already holds checkpoints; pass resume=True (--resume) to continue "
-                    "that run, or choose another output directory"
-                )
-            self._truncate_metrics()
-        bar = tqdm(total=c.steps, initial=self.step, desc="gfn", disable=not c.progress, dynamic_ncols=True)
-        try:
-            while self.step < c.steps:
-                metrics = self.train_step()
-                history.append(metrics)
-                bar.update(1)
-                bar.set_postfix(loss=f"{metrics['loss']:.3g}", logR=f"{metrics['log_reward_mean']:.2f}",
-                                sps=f"{metrics['samples_per_s']:.1f}")
-                if self.output_dir is not None:
-                    if self.step % c.log_every == 0 or self.step == c.steps:
-                        with open(self.output_dir / "metrics.jsonl", "a") as f:
-                            f.write(json.dumps(metrics) + "\n")
-                    if self.nan_streak == 0 and (self.step % c.save_every == 0 or self.step == c.steps):
-                        self.save_checkpoint()
-                if self.nan_streak >= c.max_nan_steps:
-                    where = f"; last good checkpoint: {self.latest_checkpoint()}" if self.output_dir else ""
-                    raise TrainingDiverged(f"{self.nan_streak} non-finite losses in a row at step {self.step}{where}")
-        finally:
-            bar.close()
-        return history
-
-    @torch.no_grad()
-    def sample(self, queries: Sequence[Query], temperature: float = 1.0) -> Trajectories:
-        """Draw one trajectory per query from the current policy."""
-        return sample(self.model, self.tokenizer, queries, self.space, temperature, self.generator, self.tool)
-
-    # ----------------------------------------------------------------- checkpoints
-    @property
-    def checkpoint_root(self) -> Path:
-        if self.output_dir is None:
-            raise ValueError("this trainer has no output_dir")
-        return self.output_dir / "checkpoints"
-
-    def latest_checkpoint(self) -> Path | None:
-        if self.output_dir is None or not self.checkpoint_root.is_dir():
-            return None
-        done = sorted(p for p in self.checkpoint_root.glob("step-*") if (p / "trainer_state.pt").is_file())
-        return done[-1] if done else None
-
-    def save_checkpoint(self) -> Path:
-        """Write a checkpoint to a temporary folder, then rename it into place (atomic)."""
-        final = self.checkpoint_root / f"step-{self.step:07d}"
-        tmp = self.checkpoint_root / f".tmp-step-{self.step:07d}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        trainable = {n: p.detach().cpu().contiguous() for n, p in self.model.named_parameters() if p.requires_grad}
-        save_file(trainable, tmp / "trainable.safetensors")
-        if hasattr(self.model, "peft_config"):
-            self.model.save_pretrained(tmp / "adapter")  # peft format, for `gfnlm eval --adapter`
-        state = {
-            "step": self.step,
-            "nan_streak": self.nan_streak,
-            "optimizer": self.optimizer.state_dict(),
-            "scheduler": self.scheduler.state_dict(),
-            "buffer": self.buffer.state_dict(),
-            "log_z": self.log_z.detach().cpu(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-        }
-        torch.save(state, tmp / "trainer_state.pt")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        old = sorted(p for p in self.checkpoint_root.glob("step-*"))[: -self.config.keep_checkpoints]
-        for path in old:
-            shutil.rmtree(path, ignore_errors=True)
-        return final
-
-    def load_latest_checkpoint(self) -> bool:
-        path = self.latest_checkpoint()
-        if path is None:
-            logger.info("no checkpoint in %s; starting from scratch", self.checkpoint_root)
-            return False
-        trainable = load_file(path / "trainable.safetensors", device=str(self.device))
-        missing = set(trainable) - {n for n, p in self.model.named_parameters() if p.requires_grad}
-        if missing:
-            raise ValueError(f"checkpoint {path} does not fit this model (e.g. {sorted(missing)[:3]})")
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, value in trainable.items():
-                params[name].copy_(value)
-        state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
-        self.step, self.nan_streak = int(state["step"]), int(state["nan_streak"])
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.scheduler.load_state_dict(state["scheduler"])
-        self.buffer.load_state_dict(state["buffer"])
-        with torch.no_grad():
-            self.log_z.copy_(state["log_z"].to(self.device))
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        logger.info("resumed from %s (step %d)", path, self.step)
-        return True
-
-    def _truncate_metrics(self) -> None:
-        """Drop metrics logged after the step we (re)start from, so a resumed log has no duplicates."""
-        path = self.output_dir / "metrics.jsonl"
-        if not path.exists():
-            return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-        path.write_text("".join(line + "\n" for line in kept))
+        return self.finish_step(metrics, updated, n_samples, start)
