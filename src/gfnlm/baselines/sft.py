@@ -1,0 +1,48 @@
+"""Supervised fine-tuning (LoRA): maximise log q(Z ⊤ | X) of given target trajectories.
+
+The likelihood is the policy's own (``score_policy``), so SFT trains exactly the distribution
+the sampler draws from, stop token included.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Callable, Sequence
+
+import torch
+
+from gfnlm.config import TrainConfig
+from gfnlm.scoring import score_policy, terminal_log_prob
+from gfnlm.trainer import Trainer
+from gfnlm.trajectories import ActionSpace, TrajectoryRecord, Trajectories
+
+DrawExamples = Callable[[int, torch.Generator], Sequence[TrajectoryRecord]]
+"""``draw(n, generator)`` -> n target trajectories (e.g. samples from the target distribution)."""
+
+
+class SFTTrainer(Trainer):
+    name = "sft"
+
+    def __init__(self, model, tokenizer, draw_examples: DrawExamples, space: ActionSpace,
+                 config: TrainConfig | None = None, output_dir=None):
+        super().__init__(model, tokenizer, space, config, None, output_dir)
+        self.draw_examples = draw_examples
+        self.build_optimizer()
+
+    def train_step(self) -> dict:
+        c = self.config
+        start = time.perf_counter()
+        self.model.train()
+        self.optimizer.zero_grad(set_to_none=True)
+        losses, n_samples = [], 0
+        for _ in range(c.grad_accum):
+            records = list(self.draw_examples(c.queries_per_step * c.samples_per_query, self.generator))
+            traj = Trajectories.from_records(records, self.pad_id, self.device)
+            log_q = terminal_log_prob(*score_policy(self.model, traj, self.space), traj.lengths)
+            loss = -log_q.mean()
+            (loss / c.grad_accum).backward()
+            losses.append(loss.item())
+            n_samples += len(records)
+        finite = all(map(torch.isfinite, map(torch.tensor, losses)))
+        updated, grad_norm = self.apply_gradients() if finite else (False, float("nan"))
+        return self.finish_step({"loss": sum(losses) / len(losses), "grad_norm": grad_norm}, updated, n_samples, start)
