@@ -51,3 +51,16 @@ def tokenizer() -> PreTrainedTokenizerFast:
 @pytest.fixture
 def tiny_lm() -> LlamaForCausalLM:
     return make_tiny_lm()
+
+
+@pytest.fixture(autouse=True)
+def _one_thread_for_tiny_models(request):
+    """Tiny models run fastest on one thread (and suffer badly when threads compete for cores);
+    integration tests with the embedded model keep torch's default."""
+    if request.node.get_closest_marker("integration"):
+        yield
+        return
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
