@@ -52,19 +52,26 @@ def _as_row_temperatures(temperature: float | Sequence[float] | Tensor, batch: i
 
 
 def _next_step_logits(model, chunk: Tensor, chunk_mask: Tensor, full_mask: Tensor, cache) -> tuple[Tensor, object]:
-    """Feed a [B, K] chunk through the cached model; return each row's logits at its last real token."""
+    """Feed a [B, K] chunk through the cached model; return each row's logits at its last real token.
+
+    Logits are computed only from the earliest such column on (``logits_to_keep``): for a
+    left-padded prompt that is one column instead of the whole prompt times the vocabulary.
+    """
     seen = full_mask[:, : full_mask.shape[1] - chunk.shape[1]].sum(dim=1, keepdim=True)
     positions = (seen + chunk_mask.cumsum(dim=1) - 1).clamp(min=0)
+    columns = torch.arange(chunk.shape[1], device=chunk.device)
+    last = torch.where(chunk_mask.bool(), columns, -1).max(dim=1).values.clamp(min=0)  # [B]
+    keep = chunk.shape[1] - int(last.min())
     out = model(
         input_ids=chunk,
         attention_mask=full_mask,
         position_ids=positions,
         cache=cache,
         use_cache=True,
+        logits_to_keep=keep,
     )
-    columns = torch.arange(chunk.shape[1], device=chunk.device)
-    last = torch.where(chunk_mask.bool(), columns, -1).max(dim=1).values.clamp(min=0)  # [B]
-    logits = out.logits[torch.arange(chunk.shape[0], device=chunk.device), last]  # [B, V]
+    rows = torch.arange(chunk.shape[0], device=chunk.device)
+    logits = out.logits[rows, last - (chunk.shape[1] - keep)]  # [B, V]
     return logits.float(), out.cache
 
 

@@ -13,28 +13,56 @@ from torch import Tensor
 from gfnlm.trajectories import ActionSpace, Trajectories
 
 
+def unique_prompts(traj: Trajectories) -> tuple[Tensor, Tensor]:
+    """The first row of each distinct prompt [U], and each row's prompt index [B]."""
+    p = traj.prompt_len
+    key = torch.cat([traj.input_ids[:, :p], traj.attention_mask[:, :p]], dim=1)  # [B, 2P]
+    _, inverse = torch.unique(key, dim=0, return_inverse=True)
+    rows = torch.arange(len(inverse), device=key.device)
+    first = torch.zeros(int(inverse.max()) + 1, dtype=torch.long, device=key.device)
+    first.scatter_reduce_(0, inverse, rows, reduce="amin", include_self=False)
+    return first, inverse
+
+
 def state_logits(model, traj: Trajectories, with_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Next-token logits at the last token of every state s_0 .. s_T: [B, T+1, V].
 
-    With ``with_hidden`` also the last layer's hidden states there, [B, T+1, H] (for value heads).
+    Two passes that share work between samples of the same query: the distinct prompts once
+    ([U, P], gradients kept), their KV cache gathered to the B rows, then the generated region
+    ([B, G]) on top of it. Identical to one pass over [B, P+G], at U*P + B*G tokens instead of
+    B*(P+G). With ``with_hidden`` also the last layer's hidden states there, [B, T+1, H].
     """
-    keep = traj.input_ids.shape[1] - traj.prompt_len + 1  # columns P-1 .. L-1
-    out = model(
-        input_ids=traj.input_ids,
-        attention_mask=traj.attention_mask,
-        position_ids=traj.position_ids,
-        logits_to_keep=keep,
-        use_cache=False,
+    p = traj.prompt_len
+    representative, inverse = unique_prompts(traj)
+    prompt = model(
+        input_ids=traj.input_ids[representative, :p],
+        attention_mask=traj.attention_mask[representative, :p],
+        position_ids=traj.position_ids[representative, :p],
+        use_cache=True,
+        logits_to_keep=1,
         output_hidden_states=with_hidden,
     )
-    state_cols = traj.state_columns()  # [B, T+1]
-    logits = out.logits  # [B, keep, V]
-    kept_cols = state_cols - (traj.prompt_len - 1)
+    logits = prompt.logits[inverse]  # [B, 1, V]: state s_0 ends in column P-1
+    hidden = prompt.hidden_states[-1][inverse, -1:] if with_hidden else None  # [B, 1, H]
+    if traj.input_ids.shape[1] > p:
+        cache = prompt.cache
+        cache.reorder_cache(inverse)
+        generated = model(
+            input_ids=traj.input_ids[:, p:],
+            attention_mask=traj.attention_mask,
+            position_ids=traj.position_ids[:, p:],
+            cache=cache,
+            use_cache=True,
+            output_hidden_states=with_hidden,
+        )
+        logits = torch.cat([logits, generated.logits], dim=1)  # [B, G+1, V]: columns P-1 .. L-1
+        if with_hidden:
+            hidden = torch.cat([hidden, generated.hidden_states[-1]], dim=1)
+    kept_cols = traj.state_columns() - (p - 1)  # [B, T+1] into columns P-1 .. L-1
     state = logits.gather(1, kept_cols[..., None].expand(-1, -1, logits.shape[-1]))
     if not with_hidden:
         return state
-    hidden = out.hidden_states[-1]  # [B, L, H]
-    return state, hidden.gather(1, state_cols[..., None].expand(-1, -1, hidden.shape[-1]))
+    return state, hidden.gather(1, kept_cols[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
 def state_log_probs(model, traj: Trajectories, space: ActionSpace) -> tuple[Tensor, Tensor]:
