@@ -108,7 +108,15 @@ def sample(
     was_training = model.training
     model.eval()  # LoRA dropout off while sampling
     try:
-        logits, cache = _next_step_logits(model, prompt_ids, full_mask, full_mask, None)
+        # each distinct prompt runs once; its KV cache is then gathered to every row that uses it
+        distinct = {tuple(row): i for i, row in reversed(list(enumerate(prompts)))}  # prompt -> first row
+        first_rows = torch.tensor(sorted(distinct.values()), device=device)
+        slot = {row: k for k, row in enumerate(first_rows.tolist())}
+        row_slot = torch.tensor([slot[distinct[tuple(p)]] for p in prompts], device=device)
+        logits, cache = _next_step_logits(model, prompt_ids[first_rows], full_mask[first_rows],
+                                          full_mask[first_rows], None)
+        logits = logits[row_slot]
+        cache.reorder_cache(row_slot)
         generated: list[list[int]] = [[] for _ in range(batch)]
         is_action: list[list[bool]] = [[] for _ in range(batch)]
         log_pf: list[list[float]] = [[] for _ in range(batch)]
