@@ -23,9 +23,10 @@ QUERY = Query("7")
 class TableReward:
     """log R of every sequence from a fixed random table; every prefix is itself a sequence."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, min_len: int = 0):
         g = torch.Generator().manual_seed(seed)
         self.log_r = dict(zip(SEQUENCES, (1.5 * torch.randn(len(SEQUENCES), generator=g)).tolist()))
+        self.min_len = min_len
         self.calls = 0
 
     def __call__(self, traj: Trajectories) -> torch.Tensor:
@@ -37,7 +38,9 @@ class TableReward:
         return out
 
     def target(self) -> torch.Tensor:
-        return torch.tensor([self.log_r[s] for s in SEQUENCES]).softmax(0)
+        reachable = torch.tensor([len(s) >= self.min_len for s in SEQUENCES])
+        log_r = torch.tensor([self.log_r[s] for s in SEQUENCES])
+        return torch.where(reachable, log_r, float("-inf")).softmax(0)
 
 
 def exact_policy_distribution(model, space) -> torch.Tensor:
@@ -47,10 +50,11 @@ def exact_policy_distribution(model, space) -> torch.Tensor:
         return terminal_log_prob(*score_policy(model, traj, space), traj.lengths).exp()
 
 
-@pytest.mark.parametrize("loss", ["subtb", "tb"])
-def test_trained_policy_matches_target(tokenizer, loss):
-    space = ActionSpace(stop_token_ids=(STOP,), max_len=MAX_LEN, allowed_token_ids=ALLOWED)
-    reward = TableReward(seed=1)
+@pytest.mark.parametrize("loss, min_len", [("subtb", 0), ("tb", 0), ("subtb", 1)])
+def test_trained_policy_matches_target(tokenizer, loss, min_len):
+    """min_len=1: the empty sequence is impossible, and the target is renormalised without it."""
+    space = ActionSpace(stop_token_ids=(STOP,), max_len=MAX_LEN, min_len=min_len, allowed_token_ids=ALLOWED)
+    reward = TableReward(seed=1, min_len=min_len)
     config = TrainConfig(
         steps=300, queries_per_step=1, samples_per_query=32, lr=3e-3, lora_rank=0, loss=loss, log_z_lr=0.1,
         p_replay=0.2, p_tempered=0.4, pf_temp_min=1.0, pf_temp_max=2.0, max_grad_norm=10.0, device="cpu",

@@ -105,3 +105,29 @@ def test_bad_shapes_are_named():
         modified_subtb_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(2, 4), torch.tensor([1, 2]))
     with pytest.raises(ValueError, match="lengths"):
         modified_subtb_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, 4), torch.tensor([1, 9]))
+
+
+def test_subtb_with_min_len_uses_log_z_for_the_first_state():
+    """No stop before min_len: s_0's flow is log Z, states 1..min_len-1 are not endpoints."""
+    log_pf, log_pterm, log_r, _ = (torch.nan_to_num(t, nan=0.0, posinf=0.0, neginf=0.0) for t in random_inputs(6))
+    lengths = torch.tensor([2, 3, 7, 5, 4])
+    min_len = 2
+    log_pterm[:, 1:min_len] = float("-inf")  # the policy cannot stop there
+    log_z = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    loss = modified_subtb_loss(log_pf, log_pterm, log_r, lengths, 0.9, log_z=log_z, min_len=min_len)
+    total, weights = 0.0, 0.0
+    for b, n in enumerate(lengths.tolist()):
+        def u(i):
+            if i == 0:
+                return log_z[b]
+            return log_r[b, i] - log_pterm[b, i] - log_pf[b, :i].sum()
+        for i in [0, *range(min_len, n + 1)]:
+            for j in range(max(i + 1, min_len), n + 1):
+                w = 0.9 ** (j - i - 1)
+                total = total + w * (u(i) - u(j)) ** 2
+                weights += w
+    assert loss.item() == pytest.approx((total / weights).item(), abs=1e-9)
+    loss.backward()
+    assert torch.isfinite(log_z.grad).all() and log_z.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="log_z"):
+        modified_subtb_loss(log_pf, log_pterm, log_r, lengths, min_len=min_len)

@@ -70,9 +70,7 @@ def exact_outcome_distribution(
                 chunk = frontier[start : start + batch_size]
                 records = [TrajectoryRecord(query, prompt, ids, [True] * len(ids)) for ids, _, _ in chunk]
                 traj = Trajectories.from_records(records, pad_id, next(model.parameters()).device)
-                log_probs = final_state_log_probs(model, traj, space)  # [b, V]
-                n_actions = torch.full((len(chunk),), depth, device=log_probs.device)
-                log_probs = space.sampling_log_probs(log_probs, n_actions).cpu()
+                log_probs = final_state_log_probs(model, traj, space).cpu()  # [b, V]
                 stop = log_probs[:, list(space.stop_token_ids)].logsumexp(-1)
                 nodes += len(chunk)
                 for row, (ids, text, log_q) in enumerate(chunk):

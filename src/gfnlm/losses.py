@@ -50,21 +50,41 @@ def state_mask(lengths: Tensor, num_states: int) -> Tensor:
     return torch.arange(num_states, device=lengths.device)[None, :] <= lengths[:, None]
 
 
-def balance_potentials(log_pf: Tensor, log_pterm: Tensor, log_r: Tensor, lengths: Tensor) -> Tensor:
-    """u [B, T+1] with u_i = log_r_i - log_pterm_i - sum_{k<i} log_pf_k; zero past n_b.
+def balance_potentials(
+    log_pf: Tensor,
+    log_pterm: Tensor,
+    log_r: Tensor,
+    lengths: Tensor,
+    log_z: Tensor | None = None,
+    min_len: int = 0,
+) -> tuple[Tensor, Tensor]:
+    """u [B, T+1] and which states are endpoints of balance conditions [B, T+1] (bool).
 
-    Every modified-balance residual is a difference of two of these.
+    u_i = log_r_i - log_pterm_i - sum_{k<i} log_pf_k at terminable states i (min_len <= i <= n_b).
+    When the policy cannot stop before ``min_len`` actions, R(s_i ⊤)/q(⊤ | s_i) says nothing about
+    the flow through those states; s_0 then takes its flow from a learned ``log_z`` [B] (u_0 =
+    log Z) and states 1 .. min_len-1 are no endpoint. Everything else is zero, gradient included.
     """
     _check_shapes(log_pf, log_pterm, log_r, lengths)
     num_states = log_pterm.shape[1]
     valid_state = state_mask(lengths, num_states)  # [B, T+1]
     valid_action = valid_state[:, 1:]  # [B, T]: action k exists iff k < n_b
+    index = torch.arange(num_states, device=lengths.device)[None, :]
+    terminable = valid_state & (index >= min_len)
     zero = log_pf.new_zeros(())
     log_pf = torch.where(valid_action, log_pf, zero)
-    log_pterm = torch.where(valid_state, log_pterm, zero)
-    log_r = torch.where(valid_state, log_r, zero)
+    log_pterm = torch.where(terminable, log_pterm, zero)
+    log_r = torch.where(terminable, log_r, zero)
     prefix_log_pf = torch.cat([log_pf.new_zeros(log_pf.shape[0], 1), log_pf.cumsum(dim=1)], dim=1)  # [B, T+1]
-    return torch.where(valid_state, log_r - log_pterm - prefix_log_pf, zero)
+    u = torch.where(terminable, log_r - log_pterm - prefix_log_pf, zero)
+    if min_len == 0:
+        return u, terminable
+    if log_z is None or log_z.shape != lengths.shape:
+        raise ValueError(f"with min_len > 0 the loss needs log_z of shape [B] = {tuple(lengths.shape)}")
+    if int(lengths.min()) < min_len:
+        raise ValueError(f"a trajectory is shorter than min_len={min_len}, which the policy cannot produce")
+    u = torch.cat([log_z[:, None].to(u.dtype), u[:, 1:]], dim=1)
+    return u, terminable | (index == 0)
 
 
 def modified_subtb_loss(
@@ -73,17 +93,20 @@ def modified_subtb_loss(
     log_r: Tensor,
     lengths: Tensor,
     subtb_lambda: float = 1.0,
+    log_z: Tensor | None = None,
+    min_len: int = 0,
 ) -> Tensor:
     """Modified sub-trajectory balance (paper Eq. 3), vectorised over all pairs 0 <= i < j <= n_b.
 
     Each squared residual (u_i - u_j)^2 is weighted by ``subtb_lambda ** (j - i - 1)``; the loss
     is the weighted sum over the batch divided by the sum of the weights, so long and short
     trajectories in one batch are weighted per sub-trajectory, as in the paper's code.
-    Memory is O(B T^2), negligible next to the language model for any practical T.
+    With ``min_len`` > 0 (no stop before ``min_len`` actions) pass the learned ``log_z`` [B]
+    (see ``balance_potentials``). Memory is O(B T^2), negligible next to the language model.
     """
     if subtb_lambda <= 0:
         raise ValueError(f"subtb_lambda must be positive, got {subtb_lambda}")
-    u = balance_potentials(log_pf, log_pterm, log_r, lengths)  # [B, T+1]
+    u, endpoint = balance_potentials(log_pf, log_pterm, log_r, lengths, log_z, min_len)  # [B, T+1]
     num_states = u.shape[1]
     residual = u[:, :, None] - u[:, None, :]  # [B, i, j]
     idx = torch.arange(num_states, device=u.device)
@@ -92,7 +115,7 @@ def modified_subtb_loss(
     weight = torch.where(
         upper, torch.tensor(subtb_lambda, dtype=u.dtype, device=u.device) ** (gap - 1).clamp(min=0), 0.0
     )  # [i, j]
-    pair_exists = upper[None] & (idx[None, None, :] <= lengths[:, None, None])  # [B, i, j]: j <= n_b
+    pair_exists = upper[None] & endpoint[:, :, None] & endpoint[:, None, :]  # [B, i, j]
     weight = weight[None] * pair_exists  # [B, i, j]
     total_weight = weight.sum()
     if total_weight == 0:  # every trajectory is empty: nothing to balance
@@ -109,14 +132,17 @@ def trajectory_balance_loss(
     """
     if log_z.shape != lengths.shape:
         raise ValueError(f"log_z must have shape [B] = {tuple(lengths.shape)}, got {tuple(log_z.shape)}")
-    u = balance_potentials(log_pf, log_pterm, log_r, lengths)
+    u, _ = balance_potentials(log_pf, log_pterm, log_r, lengths)
     u_final = u.gather(1, lengths[:, None]).squeeze(1)  # [B]
     return (log_z - u_final).square().mean()
 
 
 def detailed_balance_loss(log_pf: Tensor, log_pterm: Tensor, log_r: Tensor, lengths: Tensor) -> Tensor:
-    """Modified detailed balance: residuals u_i - u_{i+1} of single transitions, mean over them."""
-    u = balance_potentials(log_pf, log_pterm, log_r, lengths)
+    """Modified detailed balance: residuals u_i - u_{i+1} of single transitions, mean over them.
+
+    Needs every state to be terminable (no ``min_len``).
+    """
+    u, _ = balance_potentials(log_pf, log_pterm, log_r, lengths)
     transition_exists = state_mask(lengths, u.shape[1])[:, 1:]  # [B, T]
     count = transition_exists.sum()
     if count == 0:

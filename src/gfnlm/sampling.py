@@ -125,10 +125,9 @@ def sample(
         done = torch.zeros(batch, dtype=torch.bool, device=device)
         stop_ids = torch.tensor(space.stop_token_ids, device=device)
         while True:
-            log_probs = space.masked_log_probs(logits)  # [B, V] the policy at temperature 1
-            forced = n_actions >= space.max_len
-            stop_lp = torch.where(forced, 0.0, space.stop_log_prob(log_probs))  # [B]
-            behaviour = space.sampling_log_probs(log_probs, n_actions, temps)
+            log_probs = space.policy_log_probs(logits, n_actions)  # [B, V] the policy itself
+            stop_lp = space.stop_log_prob(log_probs)  # [B]
+            behaviour = space.policy_log_probs(logits, n_actions, temps)
             token = torch.multinomial(behaviour.exp().cpu(), 1, generator=generator).squeeze(1).to(device)  # [B]
             stops = torch.isin(token, stop_ids)
             token_lp = log_probs.gather(1, token[:, None]).squeeze(1)

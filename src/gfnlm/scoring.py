@@ -65,46 +65,33 @@ def state_logits(model, traj: Trajectories, with_hidden: bool = False) -> Tensor
     return state, hidden.gather(1, kept_cols[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-def state_log_probs(model, traj: Trajectories, space: ActionSpace) -> tuple[Tensor, Tensor]:
-    """log q(z_{i+1} | s_i) [B, T] and log q(⊤ | s_i) [B, T+1] under ``space``'s mask.
-
-    No forced stop is applied here. Entries past each trajectory's length are finite but
-    meaningless.
-    """
-    return action_log_probs(state_logits(model, traj), traj, space)
-
-
 def action_log_probs(logits: Tensor, traj: Trajectories, space: ActionSpace) -> tuple[Tensor, Tensor]:
-    """State logits [B, T+1, V] -> log q(z_{i+1} | s_i) [B, T] and log q(⊤ | s_i) [B, T+1]."""
-    log_probs = space.masked_log_probs(logits.float())  # [B, T+1, V]
+    """State logits [B, T+1, V] -> the policy's log q(z_{i+1} | s_i) [B, T] and log q(⊤ | s_i) [B, T+1]."""
+    batch, num_states, vocab = logits.shape
+    n_actions = torch.arange(num_states, device=logits.device).repeat(batch)  # state i has i actions
+    log_probs = space.policy_log_probs(logits.reshape(-1, vocab), n_actions).reshape(batch, num_states, vocab)
     log_pterm = space.stop_log_prob(log_probs)  # [B, T+1]
     actions = traj.input_ids.gather(1, traj.action_columns())  # [B, T]
     log_pf = log_probs[:, :-1].gather(2, actions[..., None]).squeeze(2)  # [B, T]
     return log_pf, log_pterm
 
 
+def score_policy(model, traj: Trajectories, space: ActionSpace) -> tuple[Tensor, Tensor]:
+    """The policy's log P_F [B, T] and log P_⊤ [B, T+1] in one teacher-forced pass, with gradients.
+
+    These are exactly the probabilities the sampler draws from at temperature 1: stop forced
+    (log P_⊤ = 0) at ``max_len`` and impossible (-inf) before ``min_len``. Entries past each
+    trajectory's length are finite but meaningless.
+    """
+    return action_log_probs(state_logits(model, traj), traj, space)
+
+
 @torch.no_grad()
 def final_state_log_probs(model, traj: Trajectories, space: ActionSpace) -> Tensor:
-    """The policy's masked next-token log-probs at each trajectory's last state s_{n_b}: [B, V]."""
+    """The policy's next-token log-probs at each trajectory's last state s_{n_b}: [B, V]."""
     logits = state_logits(model, traj)  # [B, T+1, V]
     final = logits.gather(1, traj.lengths[:, None, None].expand(-1, 1, logits.shape[-1])).squeeze(1)
-    return space.masked_log_probs(final.float())
-
-
-def score_policy(model, traj: Trajectories, space: ActionSpace) -> tuple[Tensor, Tensor]:
-    """The policy's log P_F [B, T] and log P_⊤ [B, T+1], as the sampler draws them.
-
-    At ``space.max_len`` actions the stop is forced, so log P_⊤ there is 0: the trained policy
-    is exactly the one that samples, and its distribution over terminal sequences matches the
-    reward restricted to lengths <= max_len.
-    """
-    return with_forced_stop(*state_log_probs(model, traj, space), space)
-
-
-def with_forced_stop(log_pf: Tensor, log_pterm: Tensor, space: ActionSpace) -> tuple[Tensor, Tensor]:
-    """Set log P_⊤ = 0 at states with ``space.max_len`` actions, where the sampler must stop."""
-    at_max = torch.arange(log_pterm.shape[1], device=log_pterm.device)[None, :] >= space.max_len
-    return log_pf, torch.where(at_max, torch.zeros_like(log_pterm), log_pterm)
+    return space.policy_log_probs(final, traj.lengths)
 
 
 def terminal_log_prob(log_pf: Tensor, log_pterm: Tensor, lengths: Tensor) -> Tensor:

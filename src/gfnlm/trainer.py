@@ -316,6 +316,8 @@ class GFlowNetTrainer(Trainer):
     ):
         if not queries:
             raise ValueError("GFlowNetTrainer needs at least one training query")
+        if config is not None and config.loss == "db" and space.min_len > 0:
+            raise ValueError("detailed balance needs every state to be terminable; use loss subtb or tb with min_len > 0")
         super().__init__(model, tokenizer, space, config, tool, output_dir)
         self.reward = reward
         self.queries = list(queries)
@@ -324,8 +326,13 @@ class GFlowNetTrainer(Trainer):
         self.log_z = torch.nn.Parameter(torch.zeros(len(self.queries), device=self.device))
         self.build_optimizer()
 
+    @property
+    def learns_log_z(self) -> bool:
+        """TB always learns log Z; SubTB does when s_0 cannot terminate (min_len > 0)."""
+        return self.config.loss == "tb" or self.space.min_len > 0
+
     def extra_parameters(self) -> list[dict]:
-        return [{"params": [self.log_z], "lr": self.config.log_z_lr}] if self.config.loss == "tb" else []
+        return [{"params": [self.log_z], "lr": self.config.log_z_lr}] if self.learns_log_z else []
 
     def extra_state(self) -> dict:
         return {"buffer": self.buffer.state_dict(), "log_z": self.log_z.detach().cpu()}
@@ -395,12 +402,14 @@ class GFlowNetTrainer(Trainer):
         log_pf, log_pterm = score_policy(self.model, traj, self.space)
         log_r = batch.log_r.to(log_pf.device) / reward_temperature
         lengths = traj.lengths
+        index = torch.tensor([self.query_index[q.key] for q in traj.queries], device=self.device)
+        log_z = self.log_z[index]  # [B]
         if self.config.loss == "subtb":
-            return modified_subtb_loss(log_pf, log_pterm, log_r, lengths, self.config.subtb_lambda)
+            return modified_subtb_loss(log_pf, log_pterm, log_r, lengths, self.config.subtb_lambda,
+                                       log_z=log_z, min_len=self.space.min_len)
         if self.config.loss == "db":
             return detailed_balance_loss(log_pf, log_pterm, log_r, lengths)
-        index = torch.tensor([self.query_index[q.key] for q in traj.queries], device=self.device)
-        return trajectory_balance_loss(log_pf, log_pterm, log_r, lengths, self.log_z[index])
+        return trajectory_balance_loss(log_pf, log_pterm, log_r, lengths, log_z)
 
     # ----------------------------------------------------------------- one step
     def train_step(self) -> dict:
@@ -438,6 +447,6 @@ class GFlowNetTrainer(Trainer):
             "grad_norm": grad_norm,
             "buffer_size": len(self.buffer),
         }
-        if c.loss == "tb":
+        if self.learns_log_z:
             metrics["log_z_mean"] = self.log_z.detach().mean().item()
         return self.finish_step(metrics, updated, n_samples, start)

@@ -36,14 +36,13 @@ class Query:
 
 @dataclass(frozen=True)
 class ActionSpace:
-    """What the policy may do at each state; shared by the sampler and the scorer.
+    """What the policy may do at each state; the one definition shared by sampler and scorer.
 
     The policy is the language model's next-token distribution restricted to
-    ``allowed_token_ids`` ∪ stop tokens (renormalised), with the stop action forced at
-    ``max_len`` actions. Both are part of the trained policy, so the probabilities the scorer
-    computes are those the sampler draws from. ``min_len`` only shapes *sampling* (stop is masked
-    before it, as in the paper's code): the loss still trains q(⊤ | s_i) at shorter states
-    against their rewards, which keeps every balance condition valid.
+    ``allowed_token_ids`` and the stop tokens, with the stop action impossible before
+    ``min_len`` actions and forced at ``max_len`` (each renormalised). All of it is part of the
+    trained policy, so the probabilities the scorer computes are exactly those the sampler draws
+    from. States before ``min_len`` cannot terminate; the losses then learn log Z for s_0.
     """
 
     stop_token_ids: tuple[int, ...]
@@ -62,34 +61,38 @@ class ActionSpace:
         if self.allowed_token_ids is not None:
             object.__setattr__(self, "allowed_token_ids", tuple(int(t) for t in self.allowed_token_ids))
 
-    def masked_log_probs(self, logits: Tensor) -> Tensor:
-        """log-softmax over the allowed tokens and the stop tokens; -inf elsewhere. [..., V]."""
+    def policy_log_probs(self, logits: Tensor, n_actions: Tensor, temperature: Tensor | float = 1.0) -> Tensor:
+        """log q(· | s) over the vocabulary at states with ``n_actions`` actions. [N, V] -> [N, V].
+
+        ``temperature`` ([N] or scalar) gives the tempered behaviour policy the sampler draws
+        from; at 1 this is the policy itself. Disallowed tokens get -inf.
+        """
+        logits = logits.float()
         if self.allowed_token_ids is not None:
             allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
             allowed[list(self.allowed_token_ids)] = True
             allowed[list(self.stop_token_ids)] = True
             logits = logits.masked_fill(~allowed, float("-inf"))
-        return logits.log_softmax(dim=-1)
-
-    def stop_log_prob(self, log_probs: Tensor) -> Tensor:
-        """log q(⊤ | s): the stop tokens' probabilities summed. [..., V] -> [...]."""
-        return log_probs[..., list(self.stop_token_ids)].logsumexp(dim=-1)
-
-    def sampling_log_probs(self, log_probs: Tensor, n_actions: Tensor, temperature: Tensor | float = 1.0) -> Tensor:
-        """The distribution the sampler draws from at states with ``n_actions`` actions. [B, V] -> [B, V].
-
-        ``log_probs`` are the policy's (``masked_log_probs``). Tempered by ``temperature`` ([B] or
-        scalar), stop masked before ``min_len``, only the first stop token at ``max_len``.
-        """
-        temperature = torch.as_tensor(temperature, dtype=log_probs.dtype, device=log_probs.device)
-        out = log_probs / temperature.reshape(-1, 1) if temperature.ndim else log_probs / temperature
+        temperature = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
+        logits = logits / (temperature.reshape(-1, 1) if temperature.ndim else temperature)
         stops = list(self.stop_token_ids)
         too_short = (n_actions < self.min_len)[:, None]
-        out[:, stops] = out[:, stops].masked_fill(too_short, float("-inf"))
-        forced = (n_actions >= self.max_len)[:, None]
-        only_stop = torch.full_like(out, float("-inf"))
+        logits[:, stops] = logits[:, stops].masked_fill(too_short, float("-inf"))
+        only_stop = torch.full_like(logits, float("-inf"))
         only_stop[:, stops[0]] = 0.0
-        return torch.where(forced, only_stop, out).log_softmax(dim=-1)
+        forced = (n_actions >= self.max_len)[:, None]
+        return torch.where(forced, only_stop, logits).log_softmax(dim=-1)
+
+    def stop_log_prob(self, log_probs: Tensor) -> Tensor:
+        """log q(⊤ | s): the stop tokens' probabilities summed. [..., V] -> [...].
+
+        -inf where stopping is impossible, without the NaN gradient that ``logsumexp`` of
+        all -inf inputs would send back.
+        """
+        stops = log_probs[..., list(self.stop_token_ids)]
+        possible = torch.isfinite(stops).any(dim=-1)
+        total = torch.where(possible[..., None], stops, 0.0).logsumexp(dim=-1)
+        return torch.where(possible, total, float("-inf"))
 
 
 @dataclass

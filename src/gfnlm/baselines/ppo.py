@@ -20,7 +20,7 @@ from gfnlm.config import ConfigError, TrainConfig, setting
 from gfnlm.losses import state_mask
 from gfnlm.rewards import Reward, adapter_disabled
 from gfnlm.sampling import sample
-from gfnlm.scoring import action_log_probs, state_logits, with_forced_stop
+from gfnlm.scoring import action_log_probs, score_policy, state_logits
 from gfnlm.trainer import Trainer
 from gfnlm.trajectories import ActionSpace, Query, Trajectories
 
@@ -96,7 +96,7 @@ class PPOTrainer(Trainer):
     def _policy(self, traj: Trajectories) -> tuple[Tensor, Tensor]:
         """Episode log-probs [B, T+1] and values [B, T+1] of the current policy."""
         logits, hidden = state_logits(self.model, traj, with_hidden=True)
-        log_pf, log_pterm = with_forced_stop(*action_log_probs(logits, traj, self.space), self.space)
+        log_pf, log_pterm = action_log_probs(logits, traj, self.space)
         values = self.value_head(hidden.float()).squeeze(-1)
         return episode_log_probs(log_pf, log_pterm, traj.lengths), values
 
@@ -111,7 +111,7 @@ class PPOTrainer(Trainer):
         self.model.eval()
         old_lp, values = self._policy(traj)
         with adapter_disabled(self.model):
-            ref_lp = episode_log_probs(*with_forced_stop(*action_log_probs(state_logits(self.model, traj), traj, self.space), self.space), lengths)
+            ref_lp = episode_log_probs(*score_policy(self.model, traj, self.space), lengths)
         log_r = self.reward(traj).gather(1, lengths[:, None]).squeeze(1)  # [B]
         terminal = log_r.exp() if self.ppo.ppo_reward == "exp" else log_r
         kl_per_step = torch.where(valid, old_lp - ref_lp, 0.0)
