@@ -103,3 +103,10 @@ def test_replay_buffer_is_filled_and_used(tokenizer):
 def test_reward_temperature_anneals_linearly(tokenizer):
     trainer = make_trainer(tokenizer, reward_temp_start=2.0, reward_temp_end=1.0, reward_temp_horizon=10)
     assert [trainer.reward_temperature(s) for s in (0, 5, 10, 50)] == [2.0, 1.5, 1.0, 1.0]
+
+
+def test_learning_rate_warms_up_then_decays(tokenizer):
+    trainer = make_trainer(tokenizer, steps=10, warmup_steps=2, lr_decay="linear", lr=1.0)
+    assert [round(trainer.lr_factor(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
+    cosine = make_trainer(tokenizer, steps=10, lr_decay="cosine")
+    assert cosine.lr_factor(5) == pytest.approx(0.5) and cosine.lr_factor(0) == 1.0

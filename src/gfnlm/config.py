@@ -39,7 +39,10 @@ class TrainConfig:
     samples_per_query: int = setting(8, "Trajectories per query in each micro-batch.")
     grad_accum: int = setting(1, "Micro-batches per optimizer step; the loss is averaged over them.")
     lr: float = setting(1e-4, "Peak learning rate of the policy (LoRA or full) parameters.")
-    warmup_steps: int = setting(0, "Linear learning-rate warm-up from 0 over this many steps, then constant.")
+    warmup_steps: int = setting(0, "Linear learning-rate warm-up from 0 over this many steps.")
+    lr_decay: Literal["constant", "linear", "cosine"] = setting(
+        "constant", "After warm-up: keep the learning rate, or decay it to 0 at the last step (linearly or cosine)."
+    )
     weight_decay: float = setting(0.0, "AdamW weight decay.")
     max_grad_norm: float = setting(1.0, "Gradient clipping norm (0 disables clipping).")
     loss: Literal["subtb", "tb", "db"] = setting(
@@ -83,6 +86,8 @@ class TrainConfig:
             raise ConfigError(f"p_replay and p_tempered must be >= 0 and sum to <= 1, got {self.p_replay}, {self.p_tempered}")
         if self.loss not in ("subtb", "tb", "db"):
             raise ConfigError(f"loss must be 'subtb', 'tb' or 'db', got {self.loss!r}")
+        if self.lr_decay not in ("constant", "linear", "cosine"):
+            raise ConfigError(f"lr_decay must be 'constant', 'linear' or 'cosine', got {self.lr_decay!r}")
         if self.buffer_sampling not in ("uniform", "reward"):
             raise ConfigError(f"buffer_sampling must be 'uniform' or 'reward', got {self.buffer_sampling!r}")
         if self.lora_rank < 0 or self.warmup_steps < 0 or self.reward_temp_horizon < 0:

@@ -123,10 +123,19 @@ class Trainer:
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.config.lr}]
         groups += self.extra_parameters()
         self.optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
-        warmup = self.config.warmup_steps
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, lambda step: min(1.0, (step + 1) / warmup) if warmup else 1.0
-        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+
+    def lr_factor(self, step: int) -> float:
+        """Multiplier of the peak learning rate at ``step`` (0-based): warm-up, then the decay."""
+        c = self.config
+        if step < c.warmup_steps:
+            return (step + 1) / c.warmup_steps
+        if c.lr_decay == "constant":
+            return 1.0
+        progress = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
+        if c.lr_decay == "linear":
+            return 1.0 - progress
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def extra_parameters(self) -> list[dict]:
         """Optimizer parameter groups beyond the model's trainable weights (e.g. log Z)."""

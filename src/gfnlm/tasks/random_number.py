@@ -46,7 +46,11 @@ class RandomNumberOptions(TaskOptions):
     binomial_p: float = setting(0.5, "Success probability of the binomial target.")
     poisson_rate: float = setting(30.0, "Rate of the Poisson target.")
     weights: list[float] | None = setting(None, "One weight per integer low..high, for target 'weights'.")
-    invalid_log_reward: float = setting(-15.0, "log R of a text that is not a valid integer (the floor).")
+    invalid_log_reward: float = setting(
+        -60.0, "log R of a text that is not a valid integer (the floor). It must lie far below "
+        "-max_len * ln(vocabulary size) (about -43 for SmolLM2 and 4 tokens): the invalid texts are so many "
+        "that a higher floor gives them most of the target's mass."
+    )
     max_len: int = setting(4, "Most tokens the policy may write before the stop is forced.")
     eval_samples: int = setting(10000, "Samples drawn for the histogram and the sampled valid fraction.")
     eval_batch_size: int = setting(500, "Samples drawn per batch in evaluation.")
@@ -81,7 +85,8 @@ class RandomNumberTask(Task):
         return stop_token_ids(self.tokenizer)
 
     def action_space(self) -> ActionSpace:
-        return ActionSpace(stop_token_ids=self.stop_token_ids(), max_len=self.options.max_len)
+        """No stop before the first token: the empty text is never an integer."""
+        return ActionSpace(stop_token_ids=self.stop_token_ids(), max_len=self.options.max_len, min_len=1)
 
     def parse(self, text: str) -> int | None:
         """The integer a generated text spells, or None if it is not exactly a valid integer."""
