@@ -8,6 +8,7 @@ from conftest import make_tiny_lm
 from test_exactness import ALLOWED, QUERY, STOP, TableReward
 
 from gfnlm.config import TrainConfig
+from gfnlm.rewards import RewardError
 from gfnlm.trainer import TIMING_KEYS, GFlowNetTrainer, TrainingDiverged
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
 
@@ -78,12 +79,14 @@ def test_gradient_accumulation_averages_micro_batches(tokenizer):
 
 
 def test_nan_loss_skips_update_then_stops(tokenizer, tmp_path):
-    class NaNAfterTwo(TableReward):
+    class OverflowAfterTwo(TableReward):
+        """Finite log-rewards so large that the squared residuals overflow float32."""
+
         def __call__(self, traj):
             out = super().__call__(traj)
-            return out * float("nan") if self.calls > 2 else out
+            return out + 1e30 * torch.arange(out.shape[1]) if self.calls > 2 else out
 
-    trainer = make_trainer(tokenizer, tmp_path, reward=NaNAfterTwo(0), steps=20, max_nan_steps=3, save_every=1,
+    trainer = make_trainer(tokenizer, tmp_path, reward=OverflowAfterTwo(0), steps=20, max_nan_steps=3, save_every=1,
                            p_replay=0.0)
     with pytest.raises(TrainingDiverged, match="3 non-finite losses in a row"):
         trainer.train()
@@ -98,6 +101,12 @@ def test_replay_buffer_is_filled_and_used(tokenizer):
     assert trainer.buffer.size(QUERY) == 1
     trainer.train()
     assert len(trainer.buffer) > 3
+
+
+def test_a_reward_returning_nan_is_an_error(tokenizer):
+    trainer = make_trainer(tokenizer, reward=lambda traj: torch.full((len(traj), traj.horizon + 1), float("nan")))
+    with pytest.raises(RewardError, match="non-finite log-reward"):
+        trainer.train()
 
 
 def test_reward_temperature_anneals_linearly(tokenizer):

@@ -13,6 +13,7 @@ import json
 import logging
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -112,11 +113,12 @@ def train_and_evaluate(run: RunSettings, output_dir: Path, resume: bool, label: 
     return result
 
 
-def load_for_eval(model_name: str, adapter: str | None):
+def load_for_eval(model_name: str, adapter: str | None, device: str = "auto"):
     """Base model with the adapter of a run directory or peft folder applied (merged for speed)."""
     from gfnlm.models import load_model_and_tokenizer
+    from gfnlm.trainer import resolve_device
 
-    model, tokenizer = load_model_and_tokenizer(model_name)
+    model, tokenizer = load_model_and_tokenizer(model_name, device=resolve_device(device))
     if adapter is None:
         return model, tokenizer
     from peft import PeftModel
@@ -153,7 +155,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     run = resolve_settings(args, overrides, saved)
     output_dir = Path(args.output_dir or args.adapter or "eval")
     output_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_for_eval(run.model, args.adapter)
+    model, tokenizer = load_for_eval(run.model, args.adapter, run.train.device)
     task = get_task(run.task)(run.options, tokenizer)
     label = args.label or (run.method if args.adapter else "base")
     result = task.evaluate(model, output_dir, label)
@@ -165,7 +167,6 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
 
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     """The main job: GFlowNet fine-tuning of the embedded model on random integers (paper Fig. 2)."""
-    from gfnlm.models import load_model_and_tokenizer
     from gfnlm.tasks import get_task
 
     root = Path(args.output_dir)
@@ -178,7 +179,7 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     if base_path.is_file():
         base = json.loads(base_path.read_text())
     else:
-        model, tokenizer = load_model_and_tokenizer(run.model)
+        model, tokenizer = load_for_eval(run.model, None, run.train.device)
         base = get_task(run.task)(run.options, tokenizer).evaluate(model, root / "base", "base model")
         base_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(base_path, base)
@@ -188,8 +189,7 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     tuned = train_and_evaluate(run, gfn_dir, resume=resume, label="GFlowNet fine-tuned")
     print()
     print(format_table([base, tuned]))
-    _, tokenizer = load_model_and_tokenizer(run.model)
-    figures = get_task(run.task)(run.options, tokenizer).figures([base, tuned], root)
+    figures = get_task(run.task).figures([base, tuned], root)
     print("figure:", ", ".join(map(str, figures)))
     return 0
 
@@ -199,14 +199,16 @@ DEMO_SETTINGS = {
     "queries_per_step": 1,
     "samples_per_query": 32,
     "lr": 2e-3,
+    "lr_decay": "cosine",
     "lora_rank": 8,
     "lora_alpha": 16,
+    "log_z_lr": 0.05,
     "p_replay": 0.2,
     "p_tempered": 0.5,
     "pf_temp_min": 0.7,
-    "pf_temp_max": 2.0,
-    "save_every": 25,
-    "eval_samples": 5000,
+    "pf_temp_max": 1.2,
+    "save_every": 20,
+    "eval_samples": 1000,
 }
 """The demo's budget (about 10 minutes on 2 CPU cores); any of them can be overridden."""
 
@@ -274,6 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # peft calls a transformers property that transformers 5 deprecates; not actionable for users
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
     parser = build_parser()
     args, overrides = parser.parse_known_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(message)s")

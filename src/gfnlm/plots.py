@@ -11,26 +11,31 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 
 def random_number_histograms(results: list[dict], path: Path) -> Path:
-    """Paper Fig. 2: one panel per model, empirical frequency of each integer on a log axis.
+    """Paper Fig. 2: one panel per model, the distribution of the integers it writes, log axis.
 
-    Bars are sampled frequencies; the line is the policy's exact probability of each integer
-    and the dashed line the target.
+    Bars are frequencies among the valid samples; the solid line is the policy's exact
+    distribution on the valid integers (renormalised, what ``kl`` compares) and the dashed line
+    the target. The title gives the sampled valid fraction and the exact valid mass.
     """
     panels = len(results)
     fig, axes = plt.subplots(1, panels, figsize=(4.2 * panels, 3.4), sharey=True, squeeze=False)
     for ax, result in zip(axes[0], results):
         integers = result["integers"]
-        n = max(result["n_samples"], 1)
-        freq = [c / n for c in result["sample_counts"]]
-        ax.bar(integers, freq, width=1.0, color="#4c72b0", alpha=0.75, label="sampled")
-        ax.plot(integers, result["probabilities"], color="#dd8452", lw=1.0, label="exact")
+        valid_samples = max(sum(result["sample_counts"]), 1)
+        freq = [c / valid_samples for c in result["sample_counts"]]
+        mass = sum(result["probabilities"])
+        exact = [p / mass for p in result["probabilities"]] if mass > 0 else result["probabilities"]
+        ax.bar(integers, freq, width=1.0, color="#4c72b0", alpha=0.75, label="sampled (valid)")
+        ax.plot(integers, exact, color="#dd8452", lw=1.0, label="exact (renormalised)")
         ax.plot(integers, result["target"], color="black", ls="--", lw=0.8, label="target")
         ax.set_yscale("log")
         ax.set_ylim(1e-5, 1.0)
         ax.set_xlabel("generated number")
-        valid = result.get("sampled_valid_fraction")
-        valid_text = f"{100 * valid:.1f}% valid" if valid is not None else f"{100 * result['valid_mass']:.1f}% valid"
-        ax.set_title(f"{result['label']}\n{valid_text}, KL {result['kl']:.3g}", fontsize=10)
+        sampled = result.get("sampled_valid_fraction")
+        sampled_text = f"{100 * sampled:.1f}% of samples valid, " if sampled is not None else ""
+        ax.set_title(
+            f"{result['label']}\n{sampled_text}valid mass {result['valid_mass']:.4g}, KL {result['kl']:.3g}", fontsize=9
+        )
     axes[0][0].set_ylabel("probability")
     axes[0][0].legend(fontsize=8, loc="upper right")
     fig.tight_layout()

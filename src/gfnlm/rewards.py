@@ -55,6 +55,12 @@ def check_log_rewards(log_r: Tensor, traj: Trajectories, name: str = "reward") -
     return log_r.float()
 
 
+def compute_log_rewards(reward: Reward, traj: Trajectories) -> Tensor:
+    """Call any reward (built-in or user-written) and validate what it returns."""
+    name = getattr(reward, "__name__", type(reward).__name__)
+    return check_log_rewards(reward(traj), traj, name)
+
+
 def adapter_disabled(model):
     """Context in which a peft model runs as its base model (no-op for a plain model)."""
     return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from gfnlm.buffer import ReplayBuffer
 from gfnlm.config import TrainConfig
 from gfnlm.losses import detailed_balance_loss, modified_subtb_loss, trajectory_balance_loss
-from gfnlm.rewards import Reward
+from gfnlm.rewards import Reward, compute_log_rewards
 from gfnlm.sampling import ToolHook, require_pad_token, sample
 from gfnlm.scoring import score_policy
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
@@ -123,7 +123,10 @@ class Trainer:
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.config.lr}]
         groups += self.extra_parameters()
         self.optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.lr_factor)
+        # warm-up and decay shape the policy's learning rate; log Z and heads keep theirs, so that
+        # a flow estimate still far off when the policy's rate decays can still settle
+        factors = [self.lr_factor] + [lambda step: 1.0] * (len(groups) - 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, factors)
 
     def lr_factor(self, step: int) -> float:
         """Multiplier of the peak learning rate at ``step`` (0-based): warm-up, then the decay."""
@@ -367,7 +370,7 @@ class GFlowNetTrainer(Trainer):
         for start in range(0, len(records), batch_size):
             chunk = list(records[start : start + batch_size])
             traj = Trajectories.from_records(chunk, self.pad_id, self.device)
-            log_r = self.reward(traj)
+            log_r = compute_log_rewards(self.reward, traj)
             added += self.buffer.add(chunk, self._terminal(log_r, traj).tolist())
         return added
 
@@ -402,7 +405,7 @@ class GFlowNetTrainer(Trainer):
             records = fresh.records()
         from_policy = torch.tensor([True] * len(records) + [False] * len(replayed))
         traj = Trajectories.from_records(records + replayed, self.pad_id, self.device)
-        log_r = self.reward(traj)
+        log_r = compute_log_rewards(self.reward, traj)
         return MicroBatch(traj, log_r, from_policy)
 
     def loss(self, batch: MicroBatch, reward_temperature: float) -> Tensor:

@@ -54,8 +54,9 @@ class Task(ABC):
         """``n`` target trajectories for the supervised fine-tuning baseline."""
         raise NotImplementedError(f"task {self.name!r} has no data for supervised fine-tuning")
 
-    def figures(self, results: list[dict], output_dir: Path) -> list[Path]:
-        """Write the task's figures for one or more evaluated models; returns their paths."""
+    @classmethod
+    def figures(cls, results: list[dict], output_dir: Path) -> list[Path]:
+        """Write the task's figures for one or more evaluated models (from their eval.json); returns paths."""
         return []
 
     @abstractmethod

@@ -116,7 +116,8 @@ class RandomNumberTask(Task):
             records.append(TrajectoryRecord(query, prompt, ids, [True] * len(ids)))
         return records
 
-    def figures(self, results: list[dict], output_dir: Path) -> list[Path]:
+    @classmethod
+    def figures(cls, results: list[dict], output_dir: Path) -> list[Path]:
         from gfnlm.plots import random_number_histograms
 
         return [random_number_histograms(results, output_dir / "histogram.png")]
