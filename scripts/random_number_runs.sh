@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The random-number comparison of the README on the embedded SmolLM2-135M: `gfnlm demo` (base
-# model and GFlowNet fine-tuning), then SFT and PPO with the same budget (steps x samples, LoRA),
+# model and GFlowNet fine-tuning), then SFT and PPO with the same budget (200 optimizer steps of 32
+# samples each, LoRA; PPO with one epoch per batch so that it also takes 200 steps),
 # then the README tables from the runs' eval.json. Long (about 30 minutes on 2 CPU cores): run it
 # in the background; rerunning resumes or reuses finished runs.
 #   bash scripts/random_number_runs.sh runs/random-number
@@ -12,6 +13,6 @@ common=(--task random-number --steps 200 --queries_per_step 1 --samples_per_quer
 resume() { if [ -d "$1/checkpoints" ]; then echo --resume; fi; }
 "$bin" demo --output-dir "$out"
 "$bin" train --method sft --output-dir "$out/sft" "${common[@]}" --lr 2e-3 $(resume "$out/sft")
-"$bin" train --method ppo --output-dir "$out/ppo" "${common[@]}" --lr 1e-3 $(resume "$out/ppo")
+"$bin" train --method ppo --output-dir "$out/ppo" "${common[@]}" --lr 1e-3 --ppo_epochs 1 $(resume "$out/ppo")
 python3 scripts/results_table.py "$out/base" "$out/gfn" --readme README.md --section demo
 python3 scripts/results_table.py "$out/base" "$out/gfn" "$out/ppo" "$out/sft" --readme README.md --section random-number

@@ -25,6 +25,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from conftest import make_tiny_lm
+
 from gfnlm import models
 from gfnlm.models import (
     DEFAULT_MODEL,
@@ -92,7 +94,7 @@ def tiny() -> SimpleNamespace:
     Built from scratch, so the tests of the cache mechanics need no embedded model.
     """
     from tokenizers import Tokenizer, models as tk_models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     words = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", *"the capital of france is paris hello".split()]
     backend = Tokenizer(tk_models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<|endoftext|>"))
@@ -103,19 +105,7 @@ def tiny() -> SimpleNamespace:
         eos_token="<|im_end|>",
         unk_token="<|endoftext|>",
     )
-    config = LlamaConfig(
-        vocab_size=len(words),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        bos_token_id=1,
-        eos_token_id=2,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    return SimpleNamespace(model=LlamaForCausalLM(config).eval(), tokenizer=tokenizer)
+    return SimpleNamespace(model=make_tiny_lm(vocab_size=len(words)), tokenizer=tokenizer)
 
 
 @pytest.fixture
@@ -286,7 +276,7 @@ def test_corrupt_cache_is_moved_aside_and_converted_again(
     model, tokenizer = load_model_and_tokenizer(SMOL)
 
     assert len(fake_gguf.calls) == 2
-    assert model.config.num_hidden_layers == 1  # the tiny model, freshly converted
+    assert model.config.num_hidden_layers == 2  # the tiny model, freshly converted
     assert json.loads((folder / MARKER_FILE).read_text())["conversion_id"] != first_id
     assert models._cache_problem(folder, EMBEDDED_MODELS[SMOL]) is None
     assert _leftovers(folder.parent) == []
@@ -305,7 +295,7 @@ def test_cache_works_without_the_weights_package(
         EMBEDDED_MODELS, SMOL, dataclasses.replace(spec, distribution="gfnlm-no-such-distribution")
     )
     model, _ = load_model_and_tokenizer(SMOL)
-    assert model.config.num_hidden_layers == 1
+    assert model.config.num_hidden_layers == 2
     assert len(fake_gguf.calls) == 1
 
 
@@ -376,7 +366,7 @@ def test_local_folder_loads(tiny: SimpleNamespace, tmp_path: Path) -> None:
     assert resolve_model(str(folder)) == folder
     model, loaded = load_model_and_tokenizer(str(folder), dtype=torch.bfloat16)
     assert type(model).__name__ == "LlamaForCausalLM"
-    assert model.config.num_hidden_layers == 1
+    assert model.config.num_hidden_layers == 2
     assert model.dtype == torch.bfloat16
     expected = tiny.model.model.layers[0].mlp.up_proj.weight.to(torch.bfloat16)
     assert torch.equal(model.model.layers[0].mlp.up_proj.weight, expected)
