@@ -99,6 +99,10 @@ def test_replay_buffer_is_filled_and_used(tokenizer):
     trainer = make_trainer(tokenizer, steps=4, p_replay=0.5)
     trainer.seed_buffer([TrajectoryRecord(QUERY, [1, 10], [3, 4], [True, True])])
     assert trainer.buffer.size(QUERY) == 1
+    assert trainer.seed_buffer_from_texts([(QUERY, "12"), (Query("8"), "2")]) == 2
+    assert sorted(r.generated_ids for _, r in trainer.buffer.best(QUERY, 5)) == [[3, 4], [4, 5]]
+    with pytest.raises(ValueError, match="tokens"):
+        trainer.seed_buffer_from_texts([(QUERY, "1234")])
     trainer.train()
     assert len(trainer.buffer) > 3
 

@@ -37,7 +37,7 @@ from gfnlm.buffer import ReplayBuffer
 from gfnlm.config import TrainConfig
 from gfnlm.losses import detailed_balance_loss, modified_subtb_loss, trajectory_balance_loss
 from gfnlm.rewards import Reward, compute_log_rewards
-from gfnlm.sampling import ToolHook, require_pad_token, sample
+from gfnlm.sampling import ToolHook, encode_prompts, require_pad_token, sample
 from gfnlm.scoring import score_policy
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
@@ -373,6 +373,17 @@ class GFlowNetTrainer(Trainer):
             log_r = compute_log_rewards(self.reward, traj)
             added += self.buffer.add(chunk, self._terminal(log_r, traj).tolist())
         return added
+
+    def seed_buffer_from_texts(self, examples: Sequence[tuple[Query, str]]) -> int:
+        """Seed the buffer with texts Z given for queries X, each token an action of the policy."""
+        prompts = encode_prompts(self.tokenizer, [q for q, _ in examples])
+        records = []
+        for (query, text), prompt in zip(examples, prompts):
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+            if not 0 < len(ids) <= self.space.max_len:
+                raise ValueError(f"seed text {text!r} has {len(ids)} tokens; the policy writes 1 to {self.space.max_len}")
+            records.append(TrajectoryRecord(query, prompt, ids, [True] * len(ids)))
+        return self.seed_buffer(records)
 
     def _terminal(self, log_r: Tensor, traj: Trajectories) -> Tensor:
         return log_r.gather(1, traj.lengths[:, None].to(log_r.device)).squeeze(1)
