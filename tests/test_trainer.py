@@ -123,3 +123,30 @@ def test_learning_rate_warms_up_then_decays(tokenizer):
     assert [round(trainer.lr_factor(s), 3) for s in (0, 1, 2, 6, 10)] == [0.5, 1.0, 1.0, 0.5, 0.0]
     cosine = make_trainer(tokenizer, steps=10, lr_decay="cosine")
     assert cosine.lr_factor(5) == pytest.approx(0.5) and cosine.lr_factor(0) == 1.0
+
+
+def test_base_model_samples_are_drawn_with_the_adapter_off(tokenizer, monkeypatch):
+    import contextlib
+
+    import gfnlm.trainer as trainer_module
+
+    state = {"off": False, "sampled_off": 0, "sampled_on": 0}
+
+    @contextlib.contextmanager
+    def spy(model):
+        state["off"] = True
+        with model.disable_adapter():
+            yield
+        state["off"] = False
+
+    monkeypatch.setattr(trainer_module, "adapter_disabled", spy)
+    trainer = make_trainer(tokenizer, steps=2, p_replay=0.0, p_tempered=0.0, p_base=1.0)
+    original = trainer.sample_records
+
+    def counting(queries, temperature):
+        state["sampled_off" if state["off"] else "sampled_on"] += 1
+        return original(queries, temperature)
+
+    trainer.sample_records = counting
+    trainer.train()
+    assert state == {"off": False, "sampled_off": 2, "sampled_on": 0}

@@ -56,6 +56,10 @@ class TrainConfig:
     reward_temp_horizon: int = setting(0, "Steps over which the reward temperature moves linearly from start to end.")
     p_replay: float = setting(0.25, "Probability that a query's samples come from the replay buffer.")
     p_tempered: float = setting(0.5, "Probability that a query's samples come from the tempered policy (else on-policy).")
+    p_base: float = setting(
+        0.0, "Probability that a query's samples come from the base model (LoRA off): exploration that keeps "
+        "reachable what the policy stopped visiting early in training."
+    )
     pf_temp_min: float = setting(0.5, "Lowest temperature of the tempered behaviour policy.")
     pf_temp_max: float = setting(2.0, "Highest temperature of the tempered behaviour policy (drawn uniformly per query).")
     buffer_capacity: int = setting(50, "Replay buffer: trajectories kept per query (highest reward first).")
@@ -82,8 +86,9 @@ class TrainConfig:
                 raise ConfigError(f"{name} must be positive, got {getattr(self, name)}")
         if self.pf_temp_min > self.pf_temp_max:
             raise ConfigError(f"pf_temp_min ({self.pf_temp_min}) exceeds pf_temp_max ({self.pf_temp_max})")
-        if not (0 <= self.p_replay and 0 <= self.p_tempered and self.p_replay + self.p_tempered <= 1):
-            raise ConfigError(f"p_replay and p_tempered must be >= 0 and sum to <= 1, got {self.p_replay}, {self.p_tempered}")
+        sources = (self.p_replay, self.p_tempered, self.p_base)
+        if min(sources) < 0 or sum(sources) > 1:
+            raise ConfigError(f"p_replay, p_tempered and p_base must be >= 0 and sum to <= 1, got {sources}")
         if self.loss not in ("subtb", "tb", "db"):
             raise ConfigError(f"loss must be 'subtb', 'tb' or 'db', got {self.loss!r}")
         if self.lr_decay not in ("constant", "linear", "cosine"):

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 from gfnlm.buffer import ReplayBuffer
 from gfnlm.config import TrainConfig
 from gfnlm.losses import detailed_balance_loss, modified_subtb_loss, trajectory_balance_loss
-from gfnlm.rewards import Reward, compute_log_rewards
+from gfnlm.rewards import Reward, adapter_disabled, compute_log_rewards
 from gfnlm.sampling import ToolHook, encode_prompts, require_pad_token, sample
 from gfnlm.scoring import score_policy
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
@@ -85,7 +85,7 @@ def peak_memory_mb(device: torch.device) -> float:
 class MicroBatch:
     traj: Trajectories
     log_r: Tensor  # [B, T+1] untempered
-    from_policy: Tensor  # [B] bool: sampled now (enters the buffer), not replayed
+    fresh: Tensor  # [B] bool: sampled now (enters the buffer), not replayed
 
 
 class Trainer:
@@ -389,11 +389,12 @@ class GFlowNetTrainer(Trainer):
         return log_r.gather(1, traj.lengths[:, None].to(log_r.device)).squeeze(1)
 
     def draw_micro_batch(self) -> MicroBatch:
-        """Steps 1-3: compose one micro-batch from replay, tempered and on-policy sources."""
+        """Steps 1-3: compose one micro-batch from replay, base-model, tempered and on-policy sources."""
         c = self.config
         picks = torch.randint(len(self.queries), (c.queries_per_step,), generator=self.generator).tolist()
-        sampled_queries: list[Query] = []
+        from_policy: list[Query] = []
         temperatures: list[float] = []
+        from_base: list[Query] = []
         replayed: list[TrajectoryRecord] = []
         for i in picks:
             query = self.queries[i]
@@ -401,23 +402,29 @@ class GFlowNetTrainer(Trainer):
             if u < c.p_replay and self.buffer.size(query) > 0:
                 replayed += self.buffer.sample(query, c.samples_per_query, self.generator)
                 continue
+            if c.p_replay <= u < c.p_replay + c.p_base:
+                from_base += [query] * c.samples_per_query
+                continue
             temperature = 1.0
-            if u < c.p_replay + c.p_tempered:
+            if u < c.p_replay + c.p_base + c.p_tempered:
                 r = float(torch.rand((), generator=self.generator))
                 temperature = c.pf_temp_min + r * (c.pf_temp_max - c.pf_temp_min)
-            sampled_queries += [query] * c.samples_per_query
+            from_policy += [query] * c.samples_per_query
             temperatures += [temperature] * c.samples_per_query
         records: list[TrajectoryRecord] = []
-        if sampled_queries:
-            fresh = sample(
-                self.model, self.tokenizer, sampled_queries, self.space, temperature=temperatures,
-                generator=self.generator, tool=self.tool,
-            )
-            records = fresh.records()
-        from_policy = torch.tensor([True] * len(records) + [False] * len(replayed))
+        if from_policy:
+            records += self.sample_records(from_policy, temperatures)
+        if from_base:
+            with adapter_disabled(self.model):
+                records += self.sample_records(from_base, 1.0)
+        fresh = torch.tensor([True] * len(records) + [False] * len(replayed))
         traj = Trajectories.from_records(records + replayed, self.pad_id, self.device)
         log_r = compute_log_rewards(self.reward, traj)
-        return MicroBatch(traj, log_r, from_policy)
+        return MicroBatch(traj, log_r, fresh)
+
+    def sample_records(self, queries: list[Query], temperature: float | list[float]) -> list[TrajectoryRecord]:
+        traj = sample(self.model, self.tokenizer, queries, self.space, temperature, self.generator, self.tool)
+        return traj.records()
 
     def loss(self, batch: MicroBatch, reward_temperature: float) -> Tensor:
         """Step 4-5: the GFlowNet objective on one micro-batch (with gradients)."""
@@ -452,7 +459,7 @@ class GFlowNetTrainer(Trainer):
             (loss / c.grad_accum).backward()
             losses.append(loss.item())
             log_r_end = self._terminal(batch.log_r, batch.traj)
-            fresh = batch.from_policy.nonzero().flatten().tolist()
+            fresh = batch.fresh.nonzero().flatten().tolist()
             records = batch.traj.records()
             self.buffer.add([records[i] for i in fresh], [float(log_r_end[i]) for i in fresh])
             terminal.append(log_r_end.cpu())
