@@ -1,7 +1,8 @@
-"""Teacher-forced log-probabilities of trajectories: one forward pass, gradients kept.
+"""Teacher-forced log-probabilities of trajectories, gradients kept.
 
-This is the only place the policy's log-probabilities carry gradients. Logits are computed
-only for columns P-1 .. L-1 (``logits_to_keep``) and the log-softmax only at the T+1 states of
+This is the only place the policy's log-probabilities carry gradients. Each distinct prompt is
+run once (its last column's logits only) and its KV cache shared by its samples; logits of the
+generated region follow in one pass; the policy's log-softmax is taken only at the T+1 states of
 each trajectory, not at tool-inserted tokens or padding.
 """
 

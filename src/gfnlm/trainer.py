@@ -3,12 +3,15 @@
 One optimizer step, top to bottom (``GFlowNetTrainer.train_step``):
 
 1. For each of ``grad_accum`` micro-batches, draw ``queries_per_step`` queries and, per query,
-   a source for its ``samples_per_query`` trajectories: the replay buffer, the tempered policy
-   (temperature uniform in [pf_temp_min, pf_temp_max]) or the policy itself.
+   a source for its ``samples_per_query`` trajectories: the replay buffer, the base model
+   (LoRA off), the tempered policy (temperature uniform in [pf_temp_min, pf_temp_max]) or the
+   policy itself.
 2. Sample all policy trajectories of the micro-batch in one batched, KV-cached call (no grad).
 3. Score every prefix's log-reward in one pass (no grad) and divide by the reward temperature.
 4. One teacher-forced forward pass of the policy gives log P_F and log P_⊤ with gradients.
 5. Loss (modified SubTB, TB or DB), backward scaled by 1/grad_accum; new samples enter the buffer.
+   (Steps 1-5 are ``GFlowNetTrainer``'s; the ``Trainer`` base class owns the rest, shared with
+   the SFT and PPO baselines.)
 6. Clip, step, schedule. A non-finite loss or gradient skips the update.
 
 Checkpoints hold everything a run needs to continue bit for bit: trainable weights, optimizer,
