@@ -16,7 +16,7 @@ from typing import Callable, Hashable
 
 import torch
 
-from gfnlm.sampling import encode_prompts, require_pad_token
+from gfnlm.sampling import encode_prompts, eval_mode, require_pad_token
 from gfnlm.scoring import final_state_log_probs
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
@@ -52,8 +52,6 @@ def exact_outcome_distribution(
     filtered to the relevant characters to save time on large vocabularies).
     """
     pad_id = require_pad_token(tokenizer)
-    was_training = model.training
-    model.eval()
     vocabulary = vocabulary if vocabulary is not None else token_strings(tokenizer)
     if space.allowed_token_ids is not None:
         allowed = set(space.allowed_token_ids)
@@ -63,7 +61,7 @@ def exact_outcome_distribution(
     probabilities: dict[Hashable, float] = {}
     frontier: list[tuple[list[int], str, float]] = [([], "", 0.0)]  # token ids, text, log q(ids)
     nodes = 0
-    try:
+    with eval_mode(model):
         for depth in range(space.max_len + 1):
             children = []
             for start in range(0, len(frontier), batch_size):
@@ -71,7 +69,7 @@ def exact_outcome_distribution(
                 records = [TrajectoryRecord(query, prompt, ids, [True] * len(ids)) for ids, _, _ in chunk]
                 traj = Trajectories.from_records(records, pad_id, next(model.parameters()).device)
                 log_probs = final_state_log_probs(model, traj, space).cpu()  # [b, V]
-                stop = log_probs[:, list(space.stop_token_ids)].logsumexp(-1)
+                stop = space.stop_log_prob(log_probs)  # [b]
                 nodes += len(chunk)
                 for row, (ids, text, log_q) in enumerate(chunk):
                     key = outcome(text)
@@ -85,6 +83,4 @@ def exact_outcome_distribution(
             frontier = children
             if not frontier:
                 break
-    finally:
-        model.train(was_training)
     return OutcomeDistribution(probabilities, sum(probabilities.values()), nodes)

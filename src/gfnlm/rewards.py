@@ -25,6 +25,7 @@ from typing import Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from gfnlm.sampling import eval_mode
 from gfnlm.trajectories import Query, Trajectories
 
 
@@ -168,7 +169,7 @@ class LMStopReward:
         self.model, self.tokenizer, self.stop_token_ids = model, tokenizer, tuple(stop_token_ids)
 
     def __call__(self, traj: Trajectories) -> Tensor:
-        with adapter_disabled(self.model), _eval_mode(self.model):
+        with adapter_disabled(self.model), eval_mode(self.model):
             log_r = lm_prefix_log_likelihoods(self.model, traj, stop_token_ids=self.stop_token_ids)
         return check_log_rewards(log_r, traj, type(self).__name__)
 
@@ -193,7 +194,7 @@ class LMSuffixReward:
 
     def __call__(self, traj: Trajectories) -> Tensor:
         suffix_ids = [self.tokenizer(self.suffix(q), add_special_tokens=False)["input_ids"] for q in traj.queries]
-        with adapter_disabled(self.model), _eval_mode(self.model):
+        with adapter_disabled(self.model), eval_mode(self.model):
             log_r = lm_prefix_log_likelihoods(
                 self.model, traj, suffix_ids=suffix_ids, pad_token_id=self.tokenizer.pad_token_id or 0
             )
@@ -256,13 +257,3 @@ class SumReward:
 
     def __call__(self, traj: Trajectories) -> Tensor:
         return sum(w * r(traj) for w, r in zip(self.weights, self.rewards))
-
-
-@contextlib.contextmanager
-def _eval_mode(model):
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)

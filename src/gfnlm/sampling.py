@@ -10,7 +10,8 @@ positions it would see alone.
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+import contextlib
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
@@ -29,6 +30,17 @@ def require_pad_token(tokenizer) -> int:
             "tokenizer.pad_token = tokenizer.eos_token (padding is always masked out)"
         )
     return int(tokenizer.pad_token_id)
+
+
+@contextlib.contextmanager
+def eval_mode(model) -> Iterator[None]:
+    """Dropout (LoRA's included) off for the block; the model's previous mode restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        model.train(was_training)
 
 
 def encode_prompts(tokenizer, queries: Sequence[Query]) -> list[list[int]]:
@@ -97,24 +109,15 @@ def sample(
     batch = len(queries)
     temps = _as_row_temperatures(temperature, batch).to(device)
     prompts = encode_prompts(tokenizer, queries)
-    prompt_len = max(map(len, prompts))
-    prompt_ids = torch.full((batch, prompt_len), pad_id, dtype=torch.long)
-    prompt_mask = torch.zeros((batch, prompt_len), dtype=torch.long)
-    for b, row in enumerate(prompts):
-        prompt_ids[b, prompt_len - len(row) :] = torch.tensor(row)
-        prompt_mask[b, prompt_len - len(row) :] = 1
-    prompt_ids, full_mask = prompt_ids.to(device), prompt_mask.to(device)
+    prompt_batch = Trajectories.from_records([TrajectoryRecord(q, p, [], []) for q, p in zip(queries, prompts)],
+                                             pad_id, device)  # prompts left-padded
+    full_mask = prompt_batch.attention_mask
 
-    was_training = model.training
-    model.eval()  # LoRA dropout off while sampling
-    try:
+    with eval_mode(model):
         # each distinct prompt runs once; its KV cache is then gathered to every row that uses it
-        distinct = {tuple(row): i for i, row in reversed(list(enumerate(prompts)))}  # prompt -> first row
-        first_rows = torch.tensor(sorted(distinct.values()), device=device)
-        slot = {row: k for k, row in enumerate(first_rows.tolist())}
-        row_slot = torch.tensor([slot[distinct[tuple(p)]] for p in prompts], device=device)
-        logits, cache = _next_step_logits(model, prompt_ids[first_rows], full_mask[first_rows],
-                                          full_mask[first_rows], None)
+        first_rows, row_slot = prompt_batch.distinct_prompts()
+        distinct_mask = full_mask[first_rows]
+        logits, cache = _next_step_logits(model, prompt_batch.input_ids[first_rows], distinct_mask, distinct_mask, None)
         logits = logits[row_slot]
         cache.reorder_cache(row_slot)
         generated: list[list[int]] = [[] for _ in range(batch)]
@@ -160,8 +163,6 @@ def sample(
             chunk, chunk_mask = chunk.to(device), chunk_mask.to(device)
             full_mask = torch.cat([full_mask, chunk_mask], dim=1)
             logits, cache = _next_step_logits(model, chunk, chunk_mask, full_mask, cache)
-    finally:
-        model.train(was_training)
 
     records = [TrajectoryRecord(q, p, g, a) for q, p, g, a in zip(queries, prompts, generated, is_action)]
     traj = Trajectories.from_records(records, pad_id, device=device)

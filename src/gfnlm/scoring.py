@@ -14,17 +14,6 @@ from torch import Tensor
 from gfnlm.trajectories import ActionSpace, Trajectories
 
 
-def unique_prompts(traj: Trajectories) -> tuple[Tensor, Tensor]:
-    """The first row of each distinct prompt [U], and each row's prompt index [B]."""
-    p = traj.prompt_len
-    key = torch.cat([traj.input_ids[:, :p], traj.attention_mask[:, :p]], dim=1)  # [B, 2P]
-    _, inverse = torch.unique(key, dim=0, return_inverse=True)
-    rows = torch.arange(len(inverse), device=key.device)
-    first = torch.zeros(int(inverse.max()) + 1, dtype=torch.long, device=key.device)
-    first.scatter_reduce_(0, inverse, rows, reduce="amin", include_self=False)
-    return first, inverse
-
-
 def state_logits(model, traj: Trajectories, with_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Next-token logits at the last token of every state s_0 .. s_T: [B, T+1, V].
 
@@ -34,7 +23,7 @@ def state_logits(model, traj: Trajectories, with_hidden: bool = False) -> Tensor
     B*(P+G). With ``with_hidden`` also the last layer's hidden states there, [B, T+1, H].
     """
     p = traj.prompt_len
-    representative, inverse = unique_prompts(traj)
+    representative, inverse = traj.distinct_prompts()
     prompt = model(
         input_ids=traj.input_ids[representative, :p],
         attention_mask=traj.attention_mask[representative, :p],

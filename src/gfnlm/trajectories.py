@@ -147,6 +147,19 @@ class Trajectories:
         """[B, L] positions that skip padding, as the sampler's KV cache saw them."""
         return (self.attention_mask.cumsum(dim=1) - 1).clamp(min=0)
 
+    def distinct_prompts(self) -> tuple[Tensor, Tensor]:
+        """The first row of each distinct prompt [U], and each row's prompt index [B].
+
+        Lets a forward pass run every distinct prompt once and share its KV cache.
+        """
+        p = self.prompt_len
+        key = torch.cat([self.input_ids[:, :p], self.attention_mask[:, :p]], dim=1)  # [B, 2P]
+        _, inverse = torch.unique(key, dim=0, return_inverse=True)
+        rows = torch.arange(len(inverse), device=key.device)
+        first = torch.zeros(int(inverse.max()) + 1, dtype=torch.long, device=key.device)
+        first.scatter_reduce_(0, inverse, rows, reduce="amin", include_self=False)
+        return first, inverse
+
     def action_columns(self) -> Tensor:
         """[B, T] column of action k (k < n_b); padded with the last column."""
         batch, width = self.is_action.shape
