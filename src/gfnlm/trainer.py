@@ -230,8 +230,8 @@ class Trainer:
         return history
 
     @torch.no_grad()
-    def sample(self, queries: Sequence[Query], temperature: float = 1.0) -> Trajectories:
-        """Draw one trajectory per query from the current policy."""
+    def sample(self, queries: Sequence[Query], temperature: float | Sequence[float] = 1.0) -> Trajectories:
+        """Draw one trajectory per query from the current policy (temperature scalar or per query)."""
         return sample(self.model, self.tokenizer, queries, self.space, temperature, self.generator, self.tool)
 
     # ----------------------------------------------------------------- checkpoints
@@ -429,8 +429,7 @@ class GFlowNetTrainer(Trainer):
         return MicroBatch(traj, log_r, fresh)
 
     def sample_records(self, queries: list[Query], temperature: float | list[float]) -> list[TrajectoryRecord]:
-        traj = sample(self.model, self.tokenizer, queries, self.space, temperature, self.generator, self.tool)
-        return traj.records()
+        return self.sample(queries, temperature).records()
 
     def loss(self, batch: MicroBatch, reward_temperature: float) -> Tensor:
         """Step 4-5: the GFlowNet objective on one micro-batch (with gradients)."""
