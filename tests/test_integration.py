@@ -15,7 +15,7 @@ def test_gfn_fine_tuning_lowers_kl_on_the_embedded_model(tmp_path):
     # digits 0..9 (10 outcomes, 2 tokens at most) keep the run to about a minute on 2 cores
     task = RandomNumberTask(RandomNumberOptions(low=0, high=9, max_len=2), tokenizer)
     before = task.evaluate(model, n_samples=0)
-    config = TrainConfig(steps=20, queries_per_step=1, samples_per_query=16, lr=3e-3, lora_rank=8, lora_alpha=16,
+    config = TrainConfig(steps=30, queries_per_step=1, samples_per_query=16, lr=3e-3, lr_decay="cosine", lora_rank=8, lora_alpha=16,
                          log_z_lr=0.02, pf_temp_max=1.2, progress=False, save_every=10)
     trainer = GFlowNetTrainer(model, tokenizer, task.reward(model), task.train_queries(), task.action_space(), config,
                               output_dir=tmp_path)
