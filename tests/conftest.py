@@ -10,11 +10,14 @@ from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 TINY_VOCAB = ["<pad>", "<s>", "</s>", *"0123456789", "+", "-", " "]  # 16 tokens
 
 
-def make_char_tokenizer() -> PreTrainedTokenizerFast:
-    """One token per character; <s> prepended; decodes by concatenation."""
-    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(TINY_VOCAB)}, unk_token="<pad>"))
+def make_char_tokenizer(chars: str = "".join(TINY_VOCAB[3:]), add_bos: bool = True) -> PreTrainedTokenizerFast:
+    """One token per character of ``chars`` (after <pad>, <s>, </s>); <s> prepended if ``add_bos``;
+    decodes by concatenation."""
+    vocab = [*TINY_VOCAB[:3], *chars]
+    backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<pad>"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    if add_bos:
+        backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     backend.decoder = decoders.Fuse()
     return PreTrainedTokenizerFast(
         tokenizer_object=backend, pad_token="<pad>", bos_token="<s>", eos_token="</s>", padding_side="left"

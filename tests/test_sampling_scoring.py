@@ -91,7 +91,7 @@ def test_bad_sampling_arguments(tiny_lm, tokenizer):
         ActionSpace(stop_token_ids=(STOP,), max_len=2, min_len=3)
     space = ActionSpace(stop_token_ids=(STOP,), max_len=2)
     with pytest.raises(ValueError, match="temperature"):
-        sample(tiny_lm, tokenizer, queries(2), space, temperature=0.0)
+        sample(tiny_lm, tokenizer, queries(2), space, temperature=-1.0)
     tokenizer.pad_token = None
     with pytest.raises(ValueError, match="pad token"):
         sample(tiny_lm, tokenizer, queries(2), space)

@@ -114,7 +114,7 @@ def train_and_evaluate(run: RunSettings, output_dir: Path, resume: bool, label: 
 
 
 def load_for_eval(model_name: str, adapter: str | None, device: str = "auto"):
-    """Base model with the adapter of a run directory or peft folder applied (merged for speed)."""
+    """Base model with the adapter of a run directory or peft folder applied."""
     from gfnlm.models import load_model_and_tokenizer
     from gfnlm.trainer import resolve_device
 
@@ -131,7 +131,8 @@ def load_for_eval(model_name: str, adapter: str | None, device: str = "auto"):
         path = done[-1] / "adapter"
     if not (path / "adapter_config.json").is_file():
         raise ConfigError(f"{adapter} is neither a run directory nor a peft adapter folder")
-    return PeftModel.from_pretrained(model, str(path)).merge_and_unload(), tokenizer
+    # kept unmerged: tasks whose evaluation also runs the base model switch the adapter off
+    return PeftModel.from_pretrained(model, str(path)), tokenizer
 
 
 # ----------------------------------------------------------------------------- commands
@@ -142,7 +143,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         saved = yaml.safe_load((output_dir / "config.yaml").read_text())
     run = resolve_settings(args, overrides, saved)
     result = train_and_evaluate(run, output_dir, args.resume)
-    print(format_table([result]))
+    print(format_table([result], _summary_keys(run.task)))
     return 0
 
 
@@ -152,16 +153,47 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     saved = None
     if args.adapter and (Path(args.adapter) / "config.yaml").is_file():
         saved = yaml.safe_load((Path(args.adapter) / "config.yaml").read_text())
+    prompting = args.method == "prompting"
+    if prompting:
+        from gfnlm.tasks.arithmetic import ZERO_SHOT_CUE
+
+        if args.adapter:
+            raise ConfigError("--method prompting evaluates the base model; drop --adapter")
+        args.method = None
+        if int(parse_overrides(overrides).get("shots", 0)) == 0 and "cue" not in parse_overrides(overrides):
+            overrides = [*overrides, "--cue", ZERO_SHOT_CUE]  # zero-shot chain of thought (paper §4.4)
     run = resolve_settings(args, overrides, saved)
     output_dir = Path(args.output_dir or args.adapter or "eval")
     output_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_for_eval(run.model, args.adapter, run.train.device)
     task = get_task(run.task)(run.options, tokenizer)
-    label = args.label or (run.method if args.adapter else "base")
+    label = args.label or _eval_label(run, args.adapter, prompting)
     result = task.evaluate(model, output_dir, label)
     write_json(output_dir / "eval.json", result)
     task.figures([result], output_dir)
-    print(format_table([result]))
+    print(format_table([result], task.summary_keys))
+    return 0
+
+
+def _eval_label(run: RunSettings, adapter: str | None, prompting: bool) -> str:
+    if prompting:
+        return f"{getattr(run.options, 'shots', 0)}-shot prompting"
+    return run.method if adapter else "base"
+
+
+def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
+    """Generate new arithmetic questions in the release format, disjoint from given files."""
+    from gfnlm.tasks.arithmetic import ArithmeticOptions, generate_problems, load_problems
+
+    if overrides:
+        raise ConfigError(f"unexpected arguments: {' '.join(overrides)}")
+    excluded = args.exclude if args.exclude is not None else [ArithmeticOptions.train_file, ArithmeticOptions.worked_file]
+    seen = {p.question for path in excluded for p in load_problems(path)}
+    rows = generate_problems(args.operands, args.n, args.seed, seen)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    write_json(out, rows)
+    print(f"wrote {len(rows)} questions with {args.operands} operands to {out} (excluding {len(seen)} known ones)")
     return 0
 
 
@@ -183,12 +215,13 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
         base = get_task(run.task)(run.options, tokenizer).evaluate(model, root / "base", "base model")
         base_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(base_path, base)
-    print(format_table([base]))
+    keys = _summary_keys(run.task)
+    print(format_table([base], keys))
     gfn_dir = root / "gfn"
     resume = (gfn_dir / "checkpoints").is_dir()
     tuned = train_and_evaluate(run, gfn_dir, resume=resume, label="GFlowNet fine-tuned")
     print()
-    print(format_table([base, tuned]))
+    print(format_table([base, tuned], keys))
     figures = get_task(run.task).figures([base, tuned], root)
     print("figure:", ", ".join(map(str, figures)))
     return 0
@@ -213,13 +246,19 @@ DEMO_SETTINGS = {
 """The demo's budget (about 10 minutes on 2 CPU cores); any of them can be overridden."""
 
 
-def format_table(results: list[dict], keys: tuple[str, ...] = ("valid_mass", "kl", "tv", "js")) -> str:
+def format_table(results: list[dict], keys: tuple[str, ...]) -> str:
     """A plain-text table of the given metrics, one row per evaluated model."""
     header = ["model", *keys]
     rows = [[str(r.get("label", "?")), *(_fmt(r.get(k)) for k in keys)] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
+
+
+def _summary_keys(task: str) -> tuple[str, ...]:
+    from gfnlm.tasks import get_task
+
+    return get_task(task).summary_keys
 
 
 def _fmt(value) -> str:
@@ -261,12 +300,23 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=fmt)
     ev.add_argument("--task")
     ev.add_argument("--model")
-    ev.add_argument("--method", choices=METHODS, help=argparse.SUPPRESS)
+    ev.add_argument("--method", choices=(*METHODS, "prompting"),
+                    help="how the adapter was trained, or 'prompting': the base model with --shots K examples")
     ev.add_argument("--adapter", help="run directory or peft adapter folder (default: the base model)")
     ev.add_argument("--output-dir", help="where eval.json goes (default: the adapter's run directory)")
     ev.add_argument("--label", help="name of the model in tables and figures")
     ev.add_argument("--config")
     ev.set_defaults(func=cmd_eval)
+
+    data = sub.add_parser("data", help="generate a task's data files")
+    data.add_argument("kind", choices=("arithmetic",))
+    data.add_argument("--operands", type=int, required=True, help="operands per question")
+    data.add_argument("--n", type=int, required=True, help="number of questions")
+    data.add_argument("--seed", type=int, default=0)
+    data.add_argument("--out", required=True, help="JSON file to write")
+    data.add_argument("--exclude", nargs="*", help="files whose questions must not appear "
+                      "(default: the arithmetic training files)")
+    data.set_defaults(func=cmd_data)
 
     demo = sub.add_parser("demo", help="the main job: random integers on the embedded model")
     demo.add_argument("--model")

@@ -176,7 +176,7 @@ def apply_settings(configs: list[Any], settings: dict[str, Any]) -> None:
 
 
 def parse_overrides(args: list[str]) -> dict[str, str]:
-    """``['--lr', '1e-3', '--steps=5']`` -> ``{'lr': '1e-3', 'steps': '5'}``."""
+    """``['--lr', '1e-3', '--max-len=5']`` -> ``{'lr': '1e-3', 'max_len': '5'}`` (dashes in keys read as underscores)."""
     out: dict[str, str] = {}
     i = 0
     while i < len(args):
@@ -191,7 +191,7 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
                 raise ConfigError(f"{arg} needs a value")
             key, value = arg[2:], args[i + 1]
             i += 2
-        out[key] = value
+        out[key.replace("-", "_")] = value
     return out
 
 

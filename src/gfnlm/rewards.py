@@ -20,13 +20,16 @@ from __future__ import annotations
 
 import contextlib
 import math
-from typing import Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from gfnlm.sampling import eval_mode
 from gfnlm.trajectories import Query, Trajectories
+
+if TYPE_CHECKING:
+    from gfnlm.context import SharedContext
 
 
 class Reward(Protocol):
@@ -117,11 +120,13 @@ def lm_prefix_log_likelihoods(
     stop_token_ids: Sequence[int] | None = None,
     suffix_ids: Sequence[Sequence[int]] | None = None,
     pad_token_id: int = 0,
+    context: SharedContext | None = None,
 ) -> Tensor:
     """For every state s_i: log p(s_i | X) [+ log p(⊤ | s_i)] [+ log p(Y | s_i)], in one pass. [B, T+1].
 
     log p(s_i | X) counts every generated token of the state, tool insertions included, so the
-    reward is the likelihood of the text the model actually sees.
+    reward is the likelihood of the text the model actually sees. With ``context`` (e.g. k-shot
+    demonstrations, cached once) every probability is also conditioned on the context before X.
     """
     batch, width = traj.input_ids.shape
     start = traj.prompt_len - 1  # first column whose logits are needed
@@ -132,12 +137,21 @@ def lm_prefix_log_likelihoods(
         input_ids, position_ids, mask, suffix, suffix_real = _packed_suffix_inputs(traj, suffix_ids, pad_token_id, dtype)
     else:
         input_ids, position_ids, mask = traj.input_ids, traj.position_ids, traj.attention_mask
+    cache = None
+    if context is not None:  # the context's columns come first, visible to every real token
+        cache = context.cache(batch)
+        position_ids = position_ids + len(context)
+        if mask.ndim == 4:
+            mask = torch.cat([mask.new_zeros((*mask.shape[:3], len(context))), mask], dim=3)
+        else:
+            mask = context.mask(mask)
     logits = model(
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=position_ids,
+        cache=cache,
         logits_to_keep=input_ids.shape[1] - start,
-        use_cache=False,
+        use_cache=cache is not None,
     ).logits.float()  # [B, total - start, V]
     log_probs = logits.log_softmax(dim=-1)
     main = log_probs[:, : width - start]  # columns P-1 .. L-1
@@ -178,7 +192,9 @@ class LMSuffixReward:
     """log R(s_i ⊤) = log p_LM(s_i Y | X): the posterior target p_LM(Z | X, Y) ∝ p_LM(X Z Y).
 
     ``suffix`` maps a query to the text Y (default: ``query.target``). With
-    ``include_prior=False`` only log p_LM(Y | X s_i) is kept (a likelihood-only reward).
+    ``include_prior=False`` only log p_LM(Y | X s_i) is kept (a likelihood-only reward). With
+    ``context`` (e.g. k-shot demonstrations) the reward is conditioned on it too,
+    p_LM(X Z Y | context) up to a constant per query; its computation is cached once.
     """
 
     def __init__(
@@ -187,19 +203,22 @@ class LMSuffixReward:
         tokenizer,
         suffix: Callable[[Query], str] | None = None,
         include_prior: bool = True,
+        context: SharedContext | None = None,
     ):
         self.model, self.tokenizer = model, tokenizer
         self.suffix = suffix or _query_target
         self.include_prior = include_prior
+        self.context = context
 
     def __call__(self, traj: Trajectories) -> Tensor:
         suffix_ids = [self.tokenizer(self.suffix(q), add_special_tokens=False)["input_ids"] for q in traj.queries]
         with adapter_disabled(self.model), eval_mode(self.model):
             log_r = lm_prefix_log_likelihoods(
-                self.model, traj, suffix_ids=suffix_ids, pad_token_id=self.tokenizer.pad_token_id or 0
+                self.model, traj, suffix_ids=suffix_ids, pad_token_id=self.tokenizer.pad_token_id or 0,
+                context=self.context,
             )
             if not self.include_prior:
-                log_r = log_r - lm_prefix_log_likelihoods(self.model, traj)
+                log_r = log_r - lm_prefix_log_likelihoods(self.model, traj, context=self.context)
         return check_log_rewards(log_r, traj, type(self).__name__)
 
 

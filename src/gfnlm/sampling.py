@@ -11,12 +11,15 @@ positions it would see alone.
 from __future__ import annotations
 
 import contextlib
-from typing import Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor
 
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
+
+if TYPE_CHECKING:
+    from gfnlm.context import SharedContext
 
 ToolHook = Callable[[Query, list[int]], list[int]]
 """Called after every action with the query and the generated ids so far (actions and earlier
@@ -58,8 +61,8 @@ def _as_row_temperatures(temperature: float | Sequence[float] | Tensor, batch: i
         temps = temps.expand(batch)
     if temps.numel() != batch:
         raise ValueError(f"expected one temperature or {batch}, got {temps.numel()}")
-    if not (temps > 0).all() or not torch.isfinite(temps).all():
-        raise ValueError(f"sampling temperatures must be positive and finite, got {temps.tolist()}")
+    if not (temps >= 0).all() or not torch.isfinite(temps).all():
+        raise ValueError(f"sampling temperatures must be non-negative and finite, got {temps.tolist()}")
     return temps.clone()
 
 
@@ -96,10 +99,13 @@ def sample(
     temperature: float | Sequence[float] | Tensor = 1.0,
     generator: torch.Generator | None = None,
     tool: ToolHook | None = None,
+    context: SharedContext | None = None,
 ) -> Trajectories:
     """Draw one trajectory per query (repeat a query to draw several).
 
-    ``temperature`` (scalar or one per row) tempers the behaviour policy only; the log-probs
+    ``temperature`` (scalar or one per row) tempers the behaviour policy only; 0 picks the most
+    likely token (greedy decoding). ``context`` is a fixed text before every prompt whose base-model
+    cache is reused (``gfnlm.context``); use it only when ``model`` runs as its base model. The log-probs
     recorded in ``sampling_log_pf`` / ``sampling_log_pterm`` are those of the policy itself
     (temperature 1, action-space mask and forced stop applied), which is what the scorer computes.
     ``generator`` must live on the CPU; draws are made there so runs are reproducible across devices.
@@ -111,13 +117,15 @@ def sample(
     prompts = encode_prompts(tokenizer, queries)
     prompt_batch = Trajectories.from_records([TrajectoryRecord(q, p, [], []) for q, p in zip(queries, prompts)],
                                              pad_id, device)  # prompts left-padded
-    full_mask = prompt_batch.attention_mask
+    full_mask = prompt_batch.attention_mask if context is None else context.mask(prompt_batch.attention_mask)
 
     with eval_mode(model):
         # each distinct prompt runs once; its KV cache is then gathered to every row that uses it
         first_rows, row_slot = prompt_batch.distinct_prompts()
-        distinct_mask = full_mask[first_rows]
-        logits, cache = _next_step_logits(model, prompt_batch.input_ids[first_rows], distinct_mask, distinct_mask, None)
+        prompt_mask = prompt_batch.attention_mask[first_rows]
+        cache = None if context is None else context.cache(len(first_rows))
+        logits, cache = _next_step_logits(model, prompt_batch.input_ids[first_rows], prompt_mask,
+                                          full_mask[first_rows], cache)
         logits = logits[row_slot]
         cache.reorder_cache(row_slot)
         generated: list[list[int]] = [[] for _ in range(batch)]
@@ -130,8 +138,9 @@ def sample(
         while True:
             log_probs = space.policy_log_probs(logits, n_actions)  # [B, V] the policy itself
             stop_lp = space.stop_log_prob(log_probs)  # [B]
-            behaviour = space.policy_log_probs(logits, n_actions, temps)
-            token = torch.multinomial(behaviour.exp().cpu(), 1, generator=generator).squeeze(1).to(device)  # [B]
+            behaviour = space.policy_log_probs(logits, n_actions, temps.clamp(min=1e-6))
+            drawn = torch.multinomial(behaviour.exp().cpu(), 1, generator=generator).squeeze(1).to(device)
+            token = torch.where(temps == 0, log_probs.argmax(dim=1), drawn)  # [B]
             stops = torch.isin(token, stop_ids)
             token_lp = log_probs.gather(1, token[:, None]).squeeze(1)
 

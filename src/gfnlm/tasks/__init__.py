@@ -1,9 +1,10 @@
 """Tasks by name. Each supplies data, prompt format, reward and metrics to the one engine."""
 
 from gfnlm.tasks.base import Task, TaskOptions
+from gfnlm.tasks.arithmetic import ArithmeticTask
 from gfnlm.tasks.random_number import RandomNumberTask
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (RandomNumberTask,)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (RandomNumberTask, ArithmeticTask)}
 
 
 def get_task(name: str) -> type[Task]:

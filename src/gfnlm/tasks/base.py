@@ -27,6 +27,8 @@ class TaskOptions:
 class Task(ABC):
     name: ClassVar[str]
     Options: ClassVar[type[TaskOptions]] = TaskOptions
+    summary_keys: ClassVar[tuple[str, ...]] = ()
+    """Metrics of ``evaluate`` shown in the command line's tables."""
 
     def __init__(self, options: TaskOptions, tokenizer):
         self.options, self.tokenizer = options, tokenizer

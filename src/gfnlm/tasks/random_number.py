@@ -59,6 +59,7 @@ class RandomNumberOptions(TaskOptions):
 class RandomNumberTask(Task):
     name = "random-number"
     Options = RandomNumberOptions
+    summary_keys = ("valid_mass", "kl", "tv", "js")
     options: RandomNumberOptions
 
     def __init__(self, options: RandomNumberOptions, tokenizer):

@@ -1,0 +1,45 @@
+"""A fixed text placed before every prompt (e.g. k-shot demonstrations), run through the model once.
+
+The paper's arithmetic reward is p_LM(X Z Y | demonstrations): the same demonstrations precede
+every query. Recomputing them for every batch would cost more than the trajectories themselves,
+so ``SharedContext`` keeps their KV cache and hands each batch a view of it. The cache belongs to
+the *frozen base model* (it is computed with any adapter switched off), so it stays valid while
+the policy's LoRA weights train; use it only where the base model runs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from transformers import DynamicCache
+
+from gfnlm.rewards import adapter_disabled
+from gfnlm.sampling import eval_mode
+
+
+class SharedContext:
+    """Token ids of ``text`` and the base model's keys and values for them (batch of one)."""
+
+    def __init__(self, model, tokenizer, text: str):
+        ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+        if not ids:
+            raise ValueError("a shared context needs at least one token")
+        self.text, self.ids = text, list(ids)
+        self.config = model.config
+        device = next(model.parameters()).device
+        with torch.no_grad(), adapter_disabled(model), eval_mode(model):
+            out = model(input_ids=torch.tensor([self.ids], device=device), use_cache=True, logits_to_keep=1)
+        self._layers: list[tuple[Tensor, Tensor]] = [(layer.keys, layer.values) for layer in out.cache.layers]
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def cache(self, batch: int) -> DynamicCache:
+        """A fresh cache holding the context for ``batch`` rows (expanded views: no copy until it grows)."""
+        data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self._layers]
+        return DynamicCache(ddp_cache_data=data, config=self.config)
+
+    def mask(self, attention_mask: Tensor) -> Tensor:
+        """``attention_mask`` [B, L] with the context's columns (all real) in front: [B, C + L]."""
+        ones = attention_mask.new_ones((attention_mask.shape[0], len(self)))
+        return torch.cat([ones, attention_mask], dim=1)

@@ -1,0 +1,333 @@
+"""Integer arithmetic with a calculator tool (paper §4.4, Table 4, Table E.3).
+
+X is a question "Question: 6 - 0 - 4 - 8 = ? Answer:", the latent Z a chain of two-term tool
+calls " 6 - 0 = 6, 6 - 4 = 2, 2 - 8 = -6" (the calculator writes each value after "="), and Y
+". The answer is -6.". The policy q(Z | X) writes only digits, "+", "-", "=", ",", spaces, and
+stops by writing "." (the first token of Y). The reward is p_LM(X Z Y | k demonstrations): the
+demonstrations sit in the reward's context only, cached once (``gfnlm.context``).
+
+Evaluation, for every method alike: draw ``eval_samples`` rationales per test question at
+``eval_temperature`` with the calculator on; the base LM then completes the answer greedily
+after "X Z." with the reward's demonstrations in context (p_LM(Y | X Z), as in the paper); the
+first integer of each completion is that sample's answer and the majority vote is the prediction.
+
+Data files are JSON lists (or JSON lines) in the paper's release format: ``str_query``,
+``num_sol`` (an integer) and optionally ``str_sol`` and ``str_rationale``.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from gfnlm.config import setting
+from gfnlm.context import SharedContext
+from gfnlm.exact import token_strings
+from gfnlm.models import stop_token_ids
+from gfnlm.rewards import LMSuffixReward, adapter_disabled
+from gfnlm.sampling import encode_prompts, sample
+from gfnlm.tasks.base import Task, TaskOptions
+from gfnlm.tools import CalculatorTool, fill_in_results
+from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
+
+DATA_DIR = "../shared/data/arithmetic"
+RATIONALE_TOKEN = re.compile(r" ?[0-9+\-=,]| ")
+"""Text of a token the rationale may use: one digit, operator, "=" or ",", optionally after a space."""
+_INTEGER = re.compile(r"-?\d+")
+ZERO_SHOT_CUE = "Let us think step by step."
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One arithmetic question with its answer (and, for worked examples, the rationale)."""
+
+    question: str  # X, e.g. "Question: 6 - 0 - 4 - 8 = ? Answer:"
+    answer: int
+    solution: str  # Y, e.g. ". The answer is -6."
+    rationale: str | None = None  # Z without tool results, e.g. "6 - 0 =, 6 - 4 =, 2 - 8 ="
+
+    def demonstration(self) -> str:
+        """The example as text with the calculator's results filled in, for k-shot contexts."""
+        if self.rationale is None:
+            raise ValueError(f"{self.question!r} has no worked rationale to demonstrate")
+        return f"{self.question} {fill_in_results(self.rationale)}{self.solution}\n"
+
+
+def load_problems(source: str | Path) -> list[Problem]:
+    """Problems from a JSON / JSON-lines file, or a Hugging Face dataset name (needs ``datasets``).
+
+    Each row needs ``str_query`` (text) and ``num_sol`` (an integer); a bad row is named.
+    """
+    path = Path(source)
+    if path.is_file():
+        text = path.read_text()
+        try:
+            rows = json.loads(text)
+        except json.JSONDecodeError:
+            try:
+                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}: neither a JSON list nor JSON lines ({err})") from None
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a list of problems, got {type(rows).__name__}")
+    elif path.suffix in {".json", ".jsonl"} or path.exists():
+        raise ValueError(f"arithmetic data file {path} does not exist")
+    else:
+        rows = _load_hub_dataset(str(source))
+    return [_problem_from_row(row, path, i) for i, row in enumerate(rows)]
+
+
+def _load_hub_dataset(name: str) -> list[dict]:
+    try:
+        import datasets
+    except ImportError:
+        raise ValueError(f"{name!r} is not a file; loading a Hugging Face dataset needs `pip install datasets`") from None
+    return list(datasets.load_dataset(name, split="train"))
+
+
+def _problem_from_row(row, path: Path, index: int) -> Problem:
+    where = f"{path}, row {index}"
+    if not isinstance(row, dict):
+        raise ValueError(f"{where}: expected an object with str_query and num_sol, got {type(row).__name__}")
+    missing = [k for k in ("str_query", "num_sol") if k not in row]
+    if missing:
+        raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
+    answer = row["num_sol"]
+    if isinstance(answer, bool) or not isinstance(answer, int):
+        if not (isinstance(answer, str) and _INTEGER.fullmatch(answer.strip())):
+            raise ValueError(f"{where}: num_sol must be an integer, got {answer!r}")
+        answer = int(answer)
+    question = row["str_query"]
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"{where}: str_query must be non-empty text")
+    rationale = row.get("str_rationale")
+    return Problem(question, answer, row.get("str_sol") or f". The answer is {answer}.", rationale)
+
+
+def generate_problems(operands: int, n: int, seed: int, exclude: set[str] = frozenset()) -> list[dict]:
+    """``n`` distinct new questions with ``operands`` one-digit operands (+ and -), in the release format,
+    none of whose ``str_query`` is in ``exclude``; with the left-to-right two-term rationale."""
+    if operands < 2:
+        raise ValueError("a question needs at least 2 operands")
+    if n > 4 * 10**operands:  # loose upper bound on distinct questions
+        raise ValueError(f"cannot draw {n} distinct questions with {operands} operands")
+    rng = random.Random(seed)
+    rows, seen = [], set(exclude)
+    for _ in range(100 * n + 1000):
+        if len(rows) == n:
+            break
+        numbers = [rng.randrange(10) for _ in range(operands)]
+        ops = [rng.choice("+-") for _ in range(operands - 1)]
+        expression = " ".join([str(numbers[0])] + [f"{o} {d}" for o, d in zip(ops, numbers[1:])])
+        query = f"Question: {expression} = ? Answer:"
+        if query in seen:
+            continue
+        seen.add(query)
+        value, steps = numbers[0], []
+        for o, d in zip(ops, numbers[1:]):
+            steps.append(f"{value} {o} {d} =")
+            value = value + d if o == "+" else value - d
+        rows.append({"str_query": query, "num_sol": value, "str_rationale": ", ".join(steps),
+                     "str_sol": f". The answer is {value}."})
+    if len(rows) < n:
+        raise ValueError(f"found only {len(rows)} new questions with {operands} operands outside the excluded ones")
+    return rows
+
+
+@dataclass
+class ArithmeticOptions(TaskOptions):
+    train_file: str = setting(f"{DATA_DIR}/1digit_34_op+-_hw.json", "Questions with answers (X, Y) to train on.")
+    worked_file: str = setting(
+        f"{DATA_DIR}/1digit_34_op+-_train_50.json",
+        "Worked examples (X, Z, Y): reward demonstrations, buffer seeds, SFT data; also trained on.")
+    seed_rationales: int = setting(50, "Worked rationales put in the replay buffer before training (Table E.3).")
+    reward_shots: int = setting(3, "Worked examples prepended to the reward's context (paper: 3).")
+    max_len: int = setting(24, "Most rationale tokens (actions) during training.")
+    min_len: int = setting(5, "Fewest rationale tokens before the policy may stop (paper: 5).")
+    test_file: str | None = setting(None, "Questions to evaluate on (default: the first eval_questions training ones).")
+    eval_questions: int | None = setting(None, "Evaluate on at most this many questions of the file.")
+    eval_samples: int = setting(10, "Rationales drawn per question for the majority vote.")
+    eval_temperature: float = setting(0.1, "Sampling temperature of the rationales in evaluation.")
+    eval_max_len: int = setting(40, "Most rationale tokens in evaluation (5-operand chains need more than 24).")
+    eval_batch_questions: int = setting(16, "Questions per evaluation batch.")
+    answer_max_tokens: int = setting(8, "Tokens the base LM may write when completing the answer Y.")
+    shots: int = setting(0, "k-shot prompting: worked examples in the policy's own prompt (evaluation baseline).")
+    shot_seed: int = setting(0, "Seed of the shuffle that picks the k-shot examples.")
+    cue: str = setting("", "Text appended to the question in the policy's prompt, e.g. 'Let us think step by step.'")
+    seed: int = setting(0, "Seed of the evaluation samples.")
+
+
+class ArithmeticTask(Task):
+    name = "arithmetic"
+    Options = ArithmeticOptions
+    options: ArithmeticOptions
+    summary_keys = ("accuracy", "n_questions", "unparsable_answers")
+
+    def __init__(self, options: ArithmeticOptions, tokenizer):
+        super().__init__(options, tokenizer)
+        o = options
+        if o.reward_shots < 0 or o.shots < 0 or o.seed_rationales < 0:
+            raise ValueError("reward_shots, shots and seed_rationales must be non-negative")
+        self.worked = load_problems(o.worked_file)
+        if any(p.rationale is None for p in self.worked):
+            raise ValueError(f"{o.worked_file}: every worked example needs str_rationale")
+        for count, name in ((o.reward_shots, "reward_shots"), (o.shots, "shots"), (o.seed_rationales, "seed_rationales")):
+            if count > len(self.worked):
+                raise ValueError(f"{name}={count} but {o.worked_file} has {len(self.worked)} worked examples")
+        if o.test_file is not None:
+            load_problems(o.test_file)  # a bad test file fails here, before any work
+        self.stop_ids = self._stop_ids()
+        self.allowed_ids = tuple(t for t, s in token_strings(tokenizer).items() if RATIONALE_TOKEN.fullmatch(s))
+        self._reward_context: SharedContext | None = None
+
+    def _stop_ids(self) -> tuple[int, ...]:
+        ids = tuple(t for t, s in token_strings(self.tokenizer).items() if s == ".")
+        if not ids:
+            raise ValueError("the tokenizer has no '.' token, which ends the rationale in this task")
+        return ids
+
+    # ----------------------------------------------------------------- the engine's inputs
+    def query(self, problem: Problem) -> Query:
+        return Query(problem.question, target=problem.solution, meta={"answer": problem.answer})
+
+    def train_queries(self) -> list[Query]:
+        problems = self.worked + load_problems(self.options.train_file)
+        return list({q.key: q for q in map(self.query, problems)}.values())
+
+    def action_space(self, max_len: int | None = None) -> ActionSpace:
+        o = self.options
+        return ActionSpace(self.stop_ids, max_len or o.max_len, min(o.min_len, max_len or o.max_len), self.allowed_ids)
+
+    def reward_context(self, model) -> SharedContext | None:
+        """The k demonstrations before every reward (and answer) context, computed once per model."""
+        if self.options.reward_shots == 0:
+            return None
+        if self._reward_context is None:
+            text = "".join(p.demonstration() for p in self.worked[: self.options.reward_shots])
+            self._reward_context = SharedContext(model, self.tokenizer, text)
+        return self._reward_context
+
+    def reward(self, model) -> LMSuffixReward:
+        return LMSuffixReward(model, self.tokenizer, context=self.reward_context(model))
+
+    def tool(self) -> CalculatorTool:
+        return CalculatorTool(self.tokenizer)
+
+    def rationale_record(self, problem: Problem) -> TrajectoryRecord:
+        """A worked rationale as the policy would write it: its actions, with the calculator inserting after "="."""
+        query = self.query(problem)
+        actions = self.tokenizer(" " + problem.rationale, add_special_tokens=False)["input_ids"]
+        bad = [self.tokenizer.decode([t]) for t in actions if t not in set(self.allowed_ids)]
+        if bad:
+            raise ValueError(f"worked rationale {problem.rationale!r} uses tokens outside the action space: {bad}")
+        tool, generated, is_action = self.tool(), [], []
+        for token in actions:
+            generated.append(token)
+            is_action.append(True)
+            inserted = tool(query, generated)
+            generated += inserted
+            is_action += [False] * len(inserted)
+        return TrajectoryRecord(query, encode_prompts(self.tokenizer, [query])[0], generated, is_action)
+
+    def seed_records(self) -> list[TrajectoryRecord]:
+        return [self.rationale_record(p) for p in self.worked[: self.options.seed_rationales]]
+
+    def sft_examples(self, n: int, generator: torch.Generator) -> list[TrajectoryRecord]:
+        """Worked rationales drawn uniformly (SFT on the tool-use sequences, paper §4.4)."""
+        records = [self.rationale_record(p) for p in self.worked]
+        picks = torch.randint(len(records), (n,), generator=generator).tolist()
+        return [records[i] for i in picks]
+
+    # ----------------------------------------------------------------- evaluation
+    def policy_prompt(self, problem: Problem) -> str:
+        """The policy's prompt: k shuffled worked examples (k-shot prompting), the question, the cue."""
+        o = self.options
+        shots = ""
+        if o.shots:
+            pool = list(self.worked)
+            random.Random(o.shot_seed).shuffle(pool)
+            shots = "".join(p.demonstration() for p in pool[: o.shots])
+        return shots + problem.question + (f" {o.cue}" if o.cue else "")
+
+    def test_problems(self) -> tuple[str, list[Problem]]:
+        o = self.options
+        source = o.test_file or o.train_file
+        problems = load_problems(source)
+        if o.test_file is None and o.eval_questions is None:
+            problems = problems[:100]
+        return source, problems[: o.eval_questions]
+
+    def complete_answers(self, model, prompts: list[str]) -> list[int | None]:
+        """The base LM's answer after each "X Z." (greedy, reward demonstrations in context)."""
+        eos = stop_token_ids(self.tokenizer)
+        space = ActionSpace(self.stop_ids + eos, self.options.answer_max_tokens)
+        unique = list(dict.fromkeys(prompts))
+        answers: dict[str, int | None] = {}
+        batch = self.options.eval_batch_questions * self.options.eval_samples
+        with adapter_disabled(model):
+            context = self.reward_context(model)
+            for start in range(0, len(unique), batch):
+                chunk = unique[start : start + batch]
+                traj = sample(model, self.tokenizer, [Query(p) for p in chunk], space, temperature=0.0, context=context)
+                for prompt, text in zip(chunk, traj.generated_texts(self.tokenizer)):
+                    found = _INTEGER.search(text)
+                    answers[prompt] = int(found.group()) if found else None
+        return [answers[p] for p in prompts]
+
+    def evaluate(self, model, output_dir: Path | None = None, label: str = "model") -> dict:
+        o = self.options
+        source, problems = self.test_problems()
+        space, tool = self.action_space(o.eval_max_len), self.tool()
+        generator = torch.Generator().manual_seed(o.seed)
+        predictions = []
+        step = o.eval_batch_questions
+        for start in tqdm(range(0, len(problems), step), desc=f"evaluating {label}", unit="batch", leave=False):
+            chunk = problems[start : start + step]
+            queries = [Query(self.policy_prompt(p)) for p in chunk for _ in range(o.eval_samples)]
+            traj = sample(model, self.tokenizer, queries, space, o.eval_temperature, generator, tool)
+            rationales = traj.generated_texts(self.tokenizer)
+            answer_prompts = [f"{chunk[i // o.eval_samples].question}{z}." for i, z in enumerate(rationales)]
+            answers = self.complete_answers(model, answer_prompts)
+            for j, problem in enumerate(chunk):
+                rows = slice(j * o.eval_samples, (j + 1) * o.eval_samples)
+                predictions.append(_vote(problem, rationales[rows], answers[rows]))
+        correct = sum(p["correct"] for p in predictions)
+        n = len(predictions)
+        result = {
+            "label": label,
+            "accuracy": correct / n if n else None,
+            "n_questions": n,
+            "n_correct": correct,
+            "unparsable_answers": sum(p["unparsable"] for p in predictions),
+            "questions_without_answer": sum(p["prediction"] is None for p in predictions),
+            "test_file": str(source),
+            "shots": o.shots,
+            "eval_samples": o.eval_samples,
+            "eval_temperature": o.eval_temperature,
+        }
+        if output_dir is not None:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            (output_dir / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+        return result
+
+
+def _vote(problem: Problem, rationales: list[str], answers: list[int | None]) -> dict:
+    """Majority vote over one question's sampled answers; no parsable answer counts as wrong."""
+    votes = Counter(a for a in answers if a is not None)
+    prediction = votes.most_common(1)[0][0] if votes else None
+    return {
+        "question": problem.question,
+        "answer": problem.answer,
+        "prediction": prediction,
+        "correct": prediction == problem.answer,
+        "unparsable": sum(a is None for a in answers),
+        "rationales": rationales,
+        "answers": answers,
+    }

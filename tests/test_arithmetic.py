@@ -1,0 +1,172 @@
+"""The arithmetic task: data loading and generation, rationale records, reward context, evaluation."""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+
+import pytest
+import torch
+
+from conftest import make_char_tokenizer, make_tiny_lm
+from gfnlm.cli import main
+from gfnlm.rewards import LMSuffixReward
+from gfnlm.tasks.arithmetic import ArithmeticOptions, ArithmeticTask, generate_problems, load_problems
+from gfnlm.trajectories import Trajectories
+
+WORKED = [
+    {"str_query": "Question: 6 - 0 - 4 = ? Answer:", "num_sol": 2, "str_rationale": "6 - 0 =, 6 - 4 =",
+     "str_sol": ". The answer is 2."},
+    {"str_query": "Question: 9 + 4 - 8 = ? Answer:", "num_sol": 5, "str_rationale": "9 + 4 =, 13 - 8 =",
+     "str_sol": ". The answer is 5."},
+    {"str_query": "Question: 1 + 5 - 7 = ? Answer:", "num_sol": -1, "str_rationale": "1 + 5 =, 6 - 7 =",
+     "str_sol": ". The answer is -1."},
+]
+PLAIN = [{"str_query": "Question: 2 + 2 + 2 = ? Answer:", "num_sol": 6, "str_sol": ". The answer is 6."},
+         {"str_query": "Question: 3 - 1 + 2 = ? Answer:", "num_sol": 4}]
+
+
+def _tokenizer():
+    return make_char_tokenizer(chars=string.ascii_letters + string.digits + " +-=,.?:")
+
+
+@pytest.fixture
+def files(tmp_path):
+    worked, plain = tmp_path / "worked.json", tmp_path / "plain.json"
+    worked.write_text(json.dumps(WORKED))
+    plain.write_text("\n".join(json.dumps(r) for r in PLAIN))  # JSON lines are read too
+    return worked, plain
+
+
+@pytest.fixture
+def task(files):
+    worked, plain = files
+    options = ArithmeticOptions(train_file=str(plain), worked_file=str(worked), reward_shots=2, seed_rationales=2,
+                                max_len=12, min_len=2, eval_samples=3, eval_max_len=6, answer_max_tokens=4)
+    return ArithmeticTask(options, _tokenizer())
+
+
+def test_load_problems_reads_release_format(files):
+    worked, plain = files
+    problems = load_problems(worked)
+    assert [p.answer for p in problems] == [2, 5, -1]
+    assert problems[1].demonstration() == "Question: 9 + 4 - 8 = ? Answer: 9 + 4 = 13, 13 - 8 = 5. The answer is 5.\n"
+    assert load_problems(plain)[1].solution == ". The answer is 4."  # derived when str_sol is missing
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"num_sol": 3}, "row 1: missing field(s) str_query"),
+    ({"str_query": "Question: 1 + 1 = ? Answer:", "num_sol": "two"}, "row 1: num_sol must be an integer"),
+    ({"str_query": "Question: 1 + 1 = ? Answer:", "num_sol": 2.5}, "row 1: num_sol must be an integer"),
+    ({"str_query": "Question: 1 + 1 = ? Answer:"}, "row 1: missing field(s) num_sol"),
+])
+def test_bad_rows_are_named(tmp_path, row, message):
+    path = tmp_path / "test.json"
+    path.write_text(json.dumps([PLAIN[0], row]))
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        load_problems(path)
+    assert str(path) in str(err.value)
+
+
+def test_missing_file_is_named(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        load_problems(tmp_path / "nope.json")
+
+
+def test_generated_problems_are_correct_new_and_reproducible():
+    exclude = {"Question: 1 + 2 + 3 = ? Answer:"}
+    rows = generate_problems(3, 200, seed=1, exclude=exclude)
+    assert rows == generate_problems(3, 200, seed=1, exclude=exclude)
+    assert len({r["str_query"] for r in rows}) == 200 and not exclude & {r["str_query"] for r in rows}
+    for row in rows:
+        expression = row["str_query"].removeprefix("Question: ").removesuffix(" = ? Answer:")
+        terms = expression.split(" ")
+        assert len(terms) == 5
+        value = int(terms[0])
+        for op, digit in zip(terms[1::2], terms[2::2]):
+            value = value + int(digit) if op == "+" else value - int(digit)
+        assert row["num_sol"] == value and row["str_sol"] == f". The answer is {value}."
+    with pytest.raises(ValueError, match="distinct"):
+        generate_problems(2, 10**4, seed=0)
+
+
+def test_rationale_record_replays_the_calculator(task):
+    record = task.rationale_record(task.worked[1])
+    tok = task.tokenizer
+    assert tok.decode(record.generated_ids) == " 9 + 4 = 13, 13 - 8 = 5"
+    inserted = "".join(tok.decode([t]) for t, a in zip(record.generated_ids, record.is_action) if not a)
+    assert inserted == " 13 5"
+    assert len(task.seed_records()) == 2
+    space = task.action_space()
+    assert all(t in space.allowed_token_ids for t, a in zip(record.generated_ids, record.is_action) if a)
+    assert tok.decode(list(space.stop_token_ids)) == "."
+
+
+def test_train_queries_are_worked_plus_plain_without_duplicates(task):
+    queries = task.train_queries()
+    assert [q.prompt for q in queries][:3] == [r["str_query"] for r in WORKED]
+    assert len(queries) == 5 and queries[4].target == ". The answer is 4."
+
+
+def test_reward_is_conditioned_on_the_demonstrations(task):
+    model = make_tiny_lm(seed=2, vocab_size=len(task.tokenizer))
+    traj = Trajectories.from_records(task.seed_records(), task.tokenizer.pad_token_id)
+    with_demos = task.reward(model)(traj)
+    without = LMSuffixReward(model, task.tokenizer)(traj)
+    assert with_demos.shape == without.shape == (2, traj.horizon + 1)
+    assert torch.isfinite(with_demos).all()
+    assert not torch.allclose(with_demos, without, atol=1e-3)
+    assert task.reward_context(model) is task.reward_context(model)  # computed once
+
+
+def test_evaluate_votes_and_counts_unparsable_answers(task, tmp_path):
+    model = make_tiny_lm(seed=3, vocab_size=len(task.tokenizer))
+    result = task.evaluate(model, tmp_path, "tiny")
+    assert result["n_questions"] == 2 and result["eval_samples"] == 3
+    predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert len(predictions) == 2
+    for p in predictions:
+        assert len(p["rationales"]) == len(p["answers"]) == 3
+        parsed = [a for a in p["answers"] if a is not None]
+        assert p["unparsable"] == 3 - len(parsed)
+        assert p["prediction"] == (max(parsed, key=parsed.count) if parsed else None)
+    assert result["unparsable_answers"] == sum(p["unparsable"] for p in predictions)
+    assert result["n_correct"] == sum(p["correct"] for p in predictions)
+
+
+def test_answer_completion_parses_the_first_integer(task, monkeypatch):
+    model = make_tiny_lm(seed=4, vocab_size=len(task.tokenizer))
+    answers = task.complete_answers(model, ["Question: 1 + 1 = ? Answer: 1 + 1 = 2.", "Question: 1 + 1 = ? Answer: 1 + 1 = 2."])
+    assert len(answers) == 2 and answers[0] == answers[1]  # greedy: the same prompt gets the same answer
+
+
+def test_prompting_puts_shuffled_examples_in_the_policy_prompt(task):
+    task.options.shots, task.options.cue = 2, "Think."
+    prompt = task.policy_prompt(task.worked[0])
+    assert prompt.count("The answer is") == 2 and prompt.endswith(task.worked[0].question + " Think.")
+
+
+def test_cli_data_command_writes_disjoint_questions(tmp_path, files, capsys):
+    worked, plain = files
+    out = tmp_path / "test3.json"
+    assert main(["data", "arithmetic", "--operands", "3", "--n", "50", "--seed", "2", "--out", str(out),
+                 "--exclude", str(worked), str(plain)]) == 0
+    rows = load_problems(out)
+    assert len(rows) == 50
+    assert not {p.question for p in rows} & {r["str_query"] for r in WORKED + PLAIN}
+    assert "wrote 50 questions" in capsys.readouterr().out
+
+
+def test_cli_eval_reports_a_bad_test_file(tmp_path, files, capsys):
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps([{"str_query": "Question: 1 + 1 = ? Answer:", "num_sol": "x"}]))
+    model_dir = tmp_path / "tiny"
+    tokenizer = _tokenizer()
+    make_tiny_lm(vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    worked, plain = files
+    code = main(["eval", "--task", "arithmetic", "--model", str(model_dir), "--test-file", str(bad),
+                 "--worked-file", str(worked), "--train-file", str(plain), "--seed-rationales", "2", "--output-dir", str(tmp_path / "ev")])
+    assert code == 2
+    assert f"{bad}, row 0: num_sol must be an integer" in capsys.readouterr().err
