@@ -60,6 +60,8 @@ def test_score_is_padding_invariant(tiny_lm, tokenizer):
         TrajectoryRecord(Query("1"), [1, 4], [5, 6, 13, 14, 14, 7], [True, True, True, False, False, True]),
         TrajectoryRecord(Query("23+4"), [1, 5, 6, 13, 7], [8], [True]),
         TrajectoryRecord(Query("5"), [1, 8], [], []),
+        # fewer actions than the horizon but the most tokens: its last state ends after the insertions
+        TrajectoryRecord(Query("67"), [1, 9, 10], [5, 13, 14, 14, 14, 14, 14], [True, True] + [False] * 5),
     ]
     batch = Trajectories.from_records(records, pad_token_id=0)
     log_pf, log_pterm = score_policy(tiny_lm, batch, space)
@@ -69,7 +71,7 @@ def test_score_is_padding_invariant(tiny_lm, tokenizer):
         n = record.length
         torch.testing.assert_close(log_pf[b, :n], pf1[0, :n], atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(log_pterm[b, : n + 1], pt1[0, : n + 1], atol=1e-5, rtol=1e-5)
-    assert batch.lengths.tolist() == [4, 1, 0]
+    assert batch.lengths.tolist() == [4, 1, 0, 2]
     assert batch.records()[0].generated_ids == records[0].generated_ids
 
 

@@ -183,8 +183,8 @@ class Trajectories:
         final = last_real[:, -1:].expand(batch, 1)
         cols = torch.cat([before_action, final], dim=1)  # [B, T+1]
         state_index = torch.arange(self.horizon + 1, device=cols.device)[None, :]
-        past_end = state_index > self.lengths[:, None]
-        return torch.where(past_end, final, cols)
+        from_end = state_index >= self.lengths[:, None]  # s_{n_b} and the padding states after it
+        return torch.where(from_end, final, cols)
 
     def generated_texts(
         self, tokenizer, upto_state: bool = False, skip_special_tokens: bool = True
