@@ -197,6 +197,25 @@ def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace, overrides: list[str]) -> int:
+    from gfnlm.bench import BenchSettings, run_bench
+
+    settings = BenchSettings()
+    values = parse_overrides(overrides)
+    for key in ("task", "model"):
+        if getattr(args, key, None):
+            values[key] = getattr(args, key)
+    apply_settings([settings], values)
+    run_bench(settings)
+    return 0
+
+
+def _bench_epilog() -> str:
+    from gfnlm.bench import BenchSettings
+
+    return "settings (--key value):\n" + "\n".join(f"  --{k}: {h}" for k, h in field_help(BenchSettings).items())
+
+
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     """The main job: GFlowNet fine-tuning of the embedded model on random integers (paper Fig. 2)."""
     from gfnlm.tasks import get_task
@@ -317,6 +336,12 @@ def build_parser() -> argparse.ArgumentParser:
     data.add_argument("--exclude", nargs="*", help="files whose questions must not appear "
                       "(default: the arithmetic training files)")
     data.set_defaults(func=cmd_data)
+
+    bench = sub.add_parser("bench", help="time our training step against the paper's reference path",
+                           epilog=_bench_epilog(), formatter_class=fmt)
+    bench.add_argument("--task", help="task (default arithmetic)")
+    bench.add_argument("--model", help="embedded model name, Hugging Face id or local folder")
+    bench.set_defaults(func=cmd_bench)
 
     demo = sub.add_parser("demo", help="the main job: random integers on the embedded model")
     demo.add_argument("--model")

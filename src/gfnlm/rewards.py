@@ -26,6 +26,7 @@ import torch
 from torch import Tensor
 
 from gfnlm.sampling import eval_mode
+from gfnlm.scoring import head_log_probs, split_model
 from gfnlm.trajectories import Query, Trajectories
 
 if TYPE_CHECKING:
@@ -145,34 +146,42 @@ def lm_prefix_log_likelihoods(
             mask = torch.cat([mask.new_zeros((*mask.shape[:3], len(context))), mask], dim=3)
         else:
             mask = context.mask(mask)
-    logits = model(
+    body, _, _ = split_model(model)
+    hidden = body(
         input_ids=input_ids,
         attention_mask=mask,
         position_ids=position_ids,
         cache=cache,
-        logits_to_keep=input_ids.shape[1] - start,
         use_cache=cache is not None,
-    ).logits.float()  # [B, total - start, V]
-    log_probs = logits.log_softmax(dim=-1)
-    main = log_probs[:, : width - start]  # columns P-1 .. L-1
+    ).last_hidden_state[:, start:]  # [B, total - start, H]: columns P-1 ..
+    # log-prob of the next token of the packed sequence at every column (trajectory, then suffix copies)
+    next_ids = torch.cat([input_ids[:, start + 1 :], input_ids[:, -1:]], dim=1)  # [B, total - start]
+    next_lp = head_log_probs(model, hidden, next_ids[..., None]).squeeze(-1)  # [B, total - start]
     state_cols = traj.state_columns()  # [B, T+1]
 
     # log p(s_i | X): cumulative log-prob of the real generated tokens up to the state's last column
-    token_lp = main[:, :-1].gather(2, traj.input_ids[:, traj.prompt_len :, None]).squeeze(2)  # [B, G]
-    token_lp = token_lp * traj.attention_mask[:, traj.prompt_len :]
+    token_lp = next_lp[:, : width - 1 - start] * traj.attention_mask[:, traj.prompt_len :]  # [B, G]
     cumulative = torch.cat([token_lp.new_zeros(batch, 1), token_lp.cumsum(dim=1)], dim=1)  # [B, G+1]
     log_r = cumulative.gather(1, state_cols - start)  # [B, T+1]
 
-    state_lp = main.gather(1, (state_cols - start)[..., None].expand(-1, -1, main.shape[-1]))  # [B, T+1, V]
-    if stop_token_ids is not None:
-        log_r = log_r + state_lp[..., list(stop_token_ids)].logsumexp(dim=-1)
+    # at each state: the stop tokens and Y's first token
+    candidates = list(stop_token_ids or [])
+    n_stop = len(candidates)
+    cand_ids = torch.tensor(candidates, dtype=torch.long, device=input_ids.device).expand(batch, state_cols.shape[1], -1)
+    if suffix_ids is not None:
+        first = suffix[:, None, :1].expand(-1, state_cols.shape[1], -1)  # [B, T+1, 1]
+        cand_ids = torch.cat([cand_ids, first], dim=2)
+    if cand_ids.shape[2]:
+        state_hidden = hidden.gather(1, (state_cols - start)[..., None].expand(-1, -1, hidden.shape[-1]))
+        cand_lp = head_log_probs(model, state_hidden, cand_ids)  # [B, T+1, K]
+        if n_stop:
+            log_r = log_r + cand_lp[..., :n_stop].logsumexp(dim=-1)
+        if suffix_ids is not None:
+            log_r = log_r + cand_lp[..., n_stop]
     if suffix_ids is not None:
         num_states, m = state_cols.shape[1], suffix.shape[1]
-        first = state_lp.gather(2, suffix[:, None, :1].expand(-1, num_states, -1)).squeeze(2)  # [B, T+1]
-        copies = log_probs[:, width - start :].reshape(batch, num_states, m, -1)  # [B, T+1, m, V]
-        rest = copies[:, :, :-1].gather(3, suffix[:, None, 1:, None].expand(-1, num_states, -1, -1)).squeeze(3)
-        rest = (rest * suffix_real[:, None, 1:]).sum(dim=2)  # [B, T+1]
-        log_r = log_r + first + rest
+        rest = next_lp[:, width - start :].reshape(batch, num_states, m)[:, :, :-1]  # Y's tokens 2..m
+        log_r = log_r + (rest * suffix_real[:, None, 1:]).sum(dim=2)
     return log_r
 
 

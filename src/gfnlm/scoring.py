@@ -14,6 +14,36 @@ from torch import Tensor
 from gfnlm.trajectories import ActionSpace, Trajectories
 
 
+def split_model(model) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
+    """The decoder body (ids -> final normed hidden states), the output head and its logit soft cap.
+
+    LoRA layers live inside the modules, so a peft model's adapter (or ``disable_adapter``) still applies.
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    cap = getattr(base.config, "final_logit_softcapping", None)
+    return base.get_decoder(), base.get_output_embeddings(), cap
+
+
+def head_log_probs(model, hidden: Tensor, token_ids: Tensor, rows_per_chunk: int = 512) -> Tensor:
+    """log p(token_ids[..., k] | hidden state) for K candidate tokens per position. [..., H], [..., K] -> [..., K].
+
+    The output head runs on a few hundred positions at a time and only the K gathered values and
+    the log-normaliser of each position are kept, so the full [N, V] logits (V ~ 50k) never exist
+    at once. Meant for no-grad scoring (rewards); it is exact, not an approximation.
+    """
+    _, head, cap = split_model(model)
+    flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
+    flat_ids = token_ids.reshape(flat_hidden.shape[0], -1)  # [N, K]
+    out = []
+    for start in range(0, flat_hidden.shape[0], rows_per_chunk):
+        logits = head(flat_hidden[start : start + rows_per_chunk]).float()  # [n, V]
+        if cap:
+            logits = cap * torch.tanh(logits / cap)
+        chosen = logits.gather(1, flat_ids[start : start + rows_per_chunk])
+        out.append(chosen - logits.logsumexp(dim=1, keepdim=True))
+    return torch.cat(out).reshape(token_ids.shape)
+
+
 def state_logits(model, traj: Trajectories, with_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Next-token logits at the last token of every state s_0 .. s_T: [B, T+1, V].
 

@@ -1,0 +1,383 @@
+"""``gfnlm bench``: time our training step against the paper's way of doing the same work.
+
+Both paths train the same LoRA policy on the same queries with the same loss. Ours samples
+under no_grad with the KV cache on (tool insertions included) and all queries together, scores
+every prefix's reward in one pass with the demonstrations cached, and re-scores the policy in one
+teacher-forced pass. The reference (``gfnlm.reference``) does what the paper's code does: one
+query per batch, log-probs taken from a sampling loop that carries gradients with the cache off
+(a tool is in use), and one forward pass per prefix for the reward (demonstrations recomputed).
+
+Before anything is timed, both paths compute the loss on the same trajectories and must agree
+within 1e-4 (relative to the loss's size). Then each part is timed (warm-up, repeats, median and
+spread), peak memory is measured (RSS above the loaded model on CPU, allocated memory on CUDA),
+and the floating-point work of a step is compared with the machine's measured matmul throughput.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import statistics
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+
+from gfnlm.config import TrainConfig, setting
+from gfnlm.losses import modified_subtb_loss
+from gfnlm.reference import per_prefix_suffix_rewards, sample_with_grad
+from gfnlm.rewards import LMSuffixReward, adapter_disabled
+from gfnlm.sampling import encode_prompts, eval_mode, sample
+from gfnlm.trainer import GFlowNetTrainer, MicroBatch
+from gfnlm.trajectories import Query
+
+EQUALITY_TOLERANCE = 1e-4
+
+
+@dataclass
+class BenchSettings:
+    task: str = setting("arithmetic", "Task whose step is timed (the reference path needs an LM suffix reward).")
+    model: str = setting("smollm2-135m", "Embedded model name, Hugging Face id or local folder.")
+    queries: int = setting(4, "Queries per step.")
+    samples: int = setting(8, "Samples per query.")
+    max_len: int = setting(20, "Most rationale tokens (actions).")
+    warmup: int = setting(1, "Untimed iterations before each measurement.")
+    repeats: int = setting(3, "Timed iterations of each part of our step.")
+    reference_repeats: int = setting(1, "Timed iterations of the (slow) reference step; 0 skips it.")
+    lora_rank: int = setting(8, "LoRA rank of the policy.")
+    device: str = setting("auto", "cpu, cuda or auto.")
+    seed: int = setting(0, "Seed of the sampled trajectories.")
+    output: str | None = setting(None, "Write every figure to this JSON file.")
+
+
+@dataclass
+class Timing:
+    seconds: list[float] = field(default_factory=list)
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    def spread(self) -> str:
+        return f"{min(self.seconds):.3g}-{max(self.seconds):.3g}"
+
+
+# ----------------------------------------------------------------------------- measuring
+class PeakMemory:
+    """Peak memory in use above the level at entry: bytes allocated by malloc on CPU (glibc's
+    ``mallinfo2``, sampled every 2 ms; RSS elsewhere, which freed-but-kept memory blurs), and
+    allocated bytes on CUDA. Unlike RSS, allocated bytes are not hidden by memory a previous
+    step freed and the allocator kept."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.peak_mb = device, 0.0
+
+    @contextmanager
+    def measure(self) -> Iterator[None]:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            base = torch.cuda.memory_allocated()
+            torch.cuda.reset_peak_memory_stats()
+            yield
+            torch.cuda.synchronize()
+            self.peak_mb = (torch.cuda.max_memory_allocated() - base) / 2**20
+            return
+        base, peak, stop = cpu_memory_mb(), [0.0], threading.Event()
+
+        def poll() -> None:
+            while not stop.is_set():
+                peak[0] = max(peak[0], cpu_memory_mb())
+                stop.wait(0.002)
+
+        thread = threading.Thread(target=poll, daemon=True)
+        thread.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            thread.join()
+            self.peak_mb = max(peak[0], cpu_memory_mb()) - base
+
+
+class _MallInfo2(ctypes.Structure):
+    _fields_ = [(name, ctypes.c_size_t) for name in (
+        "arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks", "fordblks", "keepcost")]
+
+
+def _mallinfo2():
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        fn = libc.mallinfo2
+    except (OSError, AttributeError):
+        return None
+    fn.restype = _MallInfo2
+    return fn
+
+
+_MALLINFO2 = _mallinfo2()
+
+
+def cpu_memory_mb() -> float:
+    """Bytes in use from malloc (all arenas, mmapped blocks included), or RSS where glibc is absent."""
+    if _MALLINFO2 is not None:
+        info = _MALLINFO2()
+        return (info.uordblks + info.hblkhd) / 2**20
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * 4096 / 2**20
+
+
+class TokenCounter:
+    """Counts the tokens the decoder processes, with and without gradients (for the FLOP estimate)."""
+
+    def __init__(self, model):
+        from gfnlm.scoring import split_model
+
+        self.body = split_model(model)[0]
+        self.with_grad = self.without_grad = 0
+        self.handle = self.body.register_forward_pre_hook(self._count, with_kwargs=True)
+
+    def _count(self, module, args, kwargs) -> None:
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        n = ids.numel() if ids is not None else kwargs["inputs_embeds"].shape[:2].numel()
+        if torch.is_grad_enabled():
+            self.with_grad += n
+        else:
+            self.without_grad += n
+
+    def reset(self) -> None:
+        self.with_grad = self.without_grad = 0
+
+    def flops(self, n_params: int) -> float:
+        """2 N per token forward; backward through frozen weights (LoRA) costs about as much again."""
+        return 2 * n_params * (self.without_grad + 2 * self.with_grad)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_it(fn: Callable[[], object], warmup: int, repeats: int, device: torch.device) -> Timing:
+    for _ in range(warmup):
+        fn()
+    timing = Timing()
+    for _ in range(repeats):
+        _sync(device)
+        start = time.perf_counter()
+        fn()
+        _sync(device)
+        timing.seconds.append(time.perf_counter() - start)
+    return timing
+
+
+def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 1.0) -> float:
+    """Measured matrix-multiply throughput of this machine, in the model's dtype."""
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    a @ b
+    _sync(device)
+    n, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        a @ b
+        n += 1
+        if device.type == "cuda" and n % 10:
+            continue
+        _sync(device)
+    _sync(device)
+    return 2 * size**3 * n / (time.perf_counter() - start) / 1e9
+
+
+# ----------------------------------------------------------------------------- the two paths
+class StepPaths:
+    """Our step and the reference step on one trainer (same model, LoRA, optimizer, reward, queries)."""
+
+    def __init__(self, trainer: GFlowNetTrainer, task, queries: list[Query], samples: int, seed: int):
+        if not isinstance(trainer.reward, LMSuffixReward):
+            raise ValueError("the reference path reproduces suffix rewards (LMSuffixReward); "
+                             f"task {task.name!r} has {type(trainer.reward).__name__}")
+        self.trainer, self.task, self.samples = trainer, task, samples
+        self.queries = queries
+        self.generator = torch.Generator().manual_seed(seed)
+        reward = trainer.reward
+        self.context_ids = list(reward.context.ids) if reward.context is not None else []
+        tok = trainer.tokenizer
+        self.suffix_ids = {q.key: tok(reward.suffix(q), add_special_tokens=False)["input_ids"] for q in queries}
+        self.prompt_ids = dict(zip((q.key for q in queries), encode_prompts(tok, queries)))
+
+    def rows(self) -> list[Query]:
+        return [q for q in self.queries for _ in range(self.samples)]
+
+    # ours
+    def sample(self):
+        t = self.trainer
+        return sample(t.model, t.tokenizer, self.rows(), t.space, generator=self.generator, tool=t.tool)
+
+    def loss(self, traj, log_r) -> torch.Tensor:
+        return self.trainer.loss(MicroBatch(traj, log_r, torch.ones(len(traj), dtype=torch.bool)), 1.0)
+
+    def fast_step(self) -> None:
+        t = self.trainer
+        t.model.train()
+        t.optimizer.zero_grad(set_to_none=True)
+        traj = self.sample()
+        self.loss(traj, t.reward(traj)).backward()
+        t.optimizer.step()
+
+    # reference
+    def reference_terms(self, query: Query, forced=None) -> list[torch.Tensor]:
+        """log P_F, log P_⊤, log R, lengths and log Z of ``samples`` trajectories of one query, the paper's way."""
+        t = self.trainer
+        records, log_pf, log_pterm = sample_with_grad(
+            t.model, self.prompt_ids[query.key], self.samples, t.space, t.tool, query, self.generator, forced)
+        with adapter_disabled(t.model), eval_mode(t.model):
+            log_r = per_prefix_suffix_rewards(t.model, records, self.suffix_ids[query.key], self.context_ids)
+        lengths = torch.tensor([sum(r.is_action) for r in records], device=log_pf.device)
+        log_z = t.log_z[t.query_index[query.key]].expand(len(records))
+        return [log_pf, log_pterm, log_r, lengths, log_z]
+
+    def subtb(self, log_pf, log_pterm, log_r, lengths, log_z) -> torch.Tensor:
+        t = self.trainer
+        return modified_subtb_loss(log_pf, log_pterm, log_r, lengths, t.config.subtb_lambda, log_z=log_z,
+                                   min_len=t.space.min_len)
+
+    def reference_step(self) -> None:
+        t = self.trainer
+        t.model.train()
+        t.optimizer.zero_grad(set_to_none=True)
+        for query in self.queries:  # one query per batch
+            (self.subtb(*self.reference_terms(query)) / len(self.queries)).backward()
+        t.optimizer.step()
+
+    def check_equal(self) -> tuple[float, float]:
+        """Both losses on the same trajectories (no update); raises if they differ."""
+        t = self.trainer
+        t.model.eval()  # dropout off: both paths must see the same function
+        traj = self.sample()
+        fast = float(self.loss(traj, t.reward(traj)).detach())
+        records = traj.records()
+        groups = [self.reference_terms(q, forced=records[i * self.samples : (i + 1) * self.samples])
+                  for i, q in enumerate(self.queries)]
+        ref = float(self.subtb(*(_pad_cat([g[k] for g in groups]) for k in range(5))).detach())
+        t.optimizer.zero_grad(set_to_none=True)
+        if abs(fast - ref) > EQUALITY_TOLERANCE * max(1.0, abs(ref)):
+            raise AssertionError(f"our loss {fast:.6f} differs from the reference loss {ref:.6f} on the same trajectories")
+        return fast, ref
+
+
+def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate [n_i, T_i] (or [n_i]) tensors along rows, zero-padding the time axis."""
+    if tensors[0].ndim == 1:
+        return torch.cat(tensors)
+    width = max(t.shape[1] for t in tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, width - t.shape[1])) for t in tensors])
+
+
+# ----------------------------------------------------------------------------- the benchmark
+def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> dict:
+    from gfnlm.models import load_model_and_tokenizer
+    from gfnlm.tasks import get_task
+    from gfnlm.trainer import resolve_device
+
+    s = settings
+    device = resolve_device(s.device)
+    model, tokenizer = load_model_and_tokenizer(s.model, device=device)
+    task_cls = get_task(s.task)
+    task = task_cls(task_cls.Options(max_len=s.max_len), tokenizer)
+    config = TrainConfig(queries_per_step=s.queries, samples_per_query=s.samples, p_replay=0.0, p_tempered=0.0,
+                         lora_rank=s.lora_rank, lora_alpha=2 * s.lora_rank, device=str(device), progress=False,
+                         seed=s.seed)
+    trainer = GFlowNetTrainer(model, tokenizer, task.reward(model), task.train_queries(), task.action_space(),
+                              config, task.tool())
+    queries = trainer.queries[: s.queries]
+    paths = StepPaths(trainer, task, queries, s.samples, s.seed)
+    n_params = sum(p.numel() for p in trainer.model.parameters())
+    dtype = next(trainer.model.parameters()).dtype
+    echo(f"gfnlm bench: task {s.task}, model {s.model} on {_device_name(device)}; {s.queries} queries x "
+         f"{s.samples} samples, max {s.max_len} rationale tokens")
+
+    fast, ref = paths.check_equal()
+    echo(f"same trajectories, same loss: ours {fast:.6f}, reference {ref:.6f} (|diff| {abs(fast - ref):.2e})")
+
+    results: dict = {"settings": asdict(s), "device": _device_name(device), "loss_ours": fast, "loss_reference": ref}
+    timings: dict[str, Timing] = {}
+    traj = paths.sample()
+    log_r = trainer.reward(traj)
+    tokens = int(traj.attention_mask[:, traj.prompt_len :].sum())
+    prefixes = int((traj.lengths + 1).sum())
+
+    timings["sampling"] = time_it(paths.sample, s.warmup, s.repeats, device)
+    timings["reward"] = time_it(lambda: trainer.reward(traj), s.warmup, s.repeats, device)
+
+    def forward_backward() -> None:
+        trainer.model.train()
+        paths.loss(traj, log_r).backward()
+        trainer.optimizer.zero_grad(set_to_none=True)
+
+    timings["forward+loss+backward"] = time_it(forward_backward, s.warmup, s.repeats, device)
+    counter = TokenCounter(trainer.model)
+    memory = PeakMemory(device)
+    for _ in range(s.warmup):
+        paths.fast_step()
+    counter.reset()
+    with memory.measure():
+        timings["step"] = time_it(paths.fast_step, 0, s.repeats, device)
+    fast_flops = counter.flops(n_params) / s.repeats
+    results["ours"] = {
+        "sampling_tokens_per_s": tokens / timings["sampling"].median,
+        "reward_prefixes_per_s": prefixes / timings["reward"].median,
+        "peak_memory_mb": memory.peak_mb,
+        "step_flop": fast_flops,
+        **{f"{k}_s": t.median for k, t in timings.items()},
+    }
+    echo(_table(timings, tokens, prefixes))
+
+    peak = matmul_peak_gflops(device, dtype)
+    achieved = fast_flops / timings["step"].median / 1e9
+    results["matmul_peak_gflops"] = peak
+    echo(f"work of our step ~ {fast_flops / 1e12:.2f} TFLOP ({counter.without_grad + counter.with_grad} tokens "
+         f"through the decoder over {s.repeats} steps); {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of the "
+         f"measured {dtype} matmul peak ({peak:.0f} GFLOP/s)")
+    step_parts = ("sampling", "reward", "forward+loss+backward")
+    parts = sum(timings[k].median for k in step_parts)
+    echo("where our step's time goes: " + ", ".join(
+        f"{k} {100 * timings[k].median / parts:.0f}%" for k in step_parts) + " (optimizer update: the rest)")
+
+    if s.reference_repeats > 0:
+        counter.reset()
+        ref_memory = PeakMemory(device)
+        with ref_memory.measure():
+            ref_timing = time_it(paths.reference_step, 0, s.reference_repeats, device)
+        ref_flops = counter.flops(n_params) / s.reference_repeats
+        speedup = ref_timing.median / timings["step"].median
+        memory_ratio = memory.peak_mb / ref_memory.peak_mb if ref_memory.peak_mb > 0 else float("nan")
+        results["reference"] = {"step_s": ref_timing.median, "peak_memory_mb": ref_memory.peak_mb, "step_flop": ref_flops}
+        results["speedup"], results["memory_ratio"] = speedup, memory_ratio
+        echo(f"reference step: {ref_timing.median:.2f} s (spread {ref_timing.spread()} s, {s.reference_repeats} "
+             f"runs), ~{ref_flops / 1e12:.2f} TFLOP, peak memory {ref_memory.peak_mb:.0f} MB; ours: "
+             f"{timings['step'].median:.2f} s, peak memory {memory.peak_mb:.0f} MB")
+    counter.handle.remove()
+    if s.output:
+        Path(s.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(s.output).write_text(json.dumps(results, indent=1))
+    if "speedup" in results:
+        echo(f"step speedup vs reference: {results['speedup']:.1f}x, peak memory ratio: {results['memory_ratio']:.2f}")
+    return results
+
+
+def _table(timings: dict[str, Timing], tokens: int, prefixes: int) -> str:
+    rows = [f"{'part':<24}{'median s':>10}  {'spread s':<16}rate"]
+    rates = {"sampling": f"{tokens / timings['sampling'].median:.0f} tokens/s",
+             "reward": f"{prefixes / timings['reward'].median:.0f} prefixes/s"}
+    for name, t in timings.items():
+        rows.append(f"{name:<24}{t.median:>10.3f}  {t.spread():<16}{rates.get(name, '')}")
+    return "\n".join(rows)
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
