@@ -7,6 +7,15 @@
 prints a Markdown table (one row per run: its label, the task's metrics, training steps and
 wall time from metrics.jsonl) and, with --readme, replaces the lines between
 ``<!-- results:SECTION -->`` and ``<!-- /results:SECTION -->`` in that file.
+
+    python scripts/results_table.py --arithmetic runs/arith --readme README.md --section arithmetic
+
+builds the arithmetic table (paper Table 4) from ``scripts/arithmetic_runs.py``'s output: accuracy
+in % on 3, 4 and 5 operands, mean ± std over seeds (shuffles for k-shot prompting).
+
+    python scripts/results_table.py --bench runs/bench/cpu.json runs/bench/gpu.json --readme README.md --section bench
+
+builds the benchmark table from ``gfnlm bench --output`` files.
 """
 
 from __future__ import annotations
@@ -39,6 +48,58 @@ def table(runs: list[Path]) -> str:
     return "\n".join(lines)
 
 
+def _mean_std(values: list[float]) -> str:
+    mean = sum(values) / len(values)
+    if len(values) < 2:
+        return f"{100 * mean:.1f}"
+    std = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5
+    return f"{100 * mean:.1f} ± {100 * std:.1f}"
+
+
+def arithmetic_table(root: Path) -> str:
+    """Rows: methods (and seed-rationale counts); columns: accuracy per operand count over seeds."""
+    groups: dict[str, dict[int, list[float]]] = {}
+    budget: dict[str, list[str]] = {}
+    for path in sorted(root.glob("*/eval-*ops/eval.json")):
+        r = json.loads(path.read_text())
+        if r["method"] == "prompting":
+            name = f"{r['shots']}-shot prompting" + (" (step by step)" if r["shots"] == 0 else "")
+        elif path.parent.parent.name.startswith("gfn-seeds"):
+            name = f"GFlowNet, {r['seed_rationales']} seed rationales"
+        else:
+            name = {"gfn": "GFlowNet fine-tuning", "sft": "supervised fine-tuning", "ppo": "PPO"}[r["method"]]
+        groups.setdefault(name, {}).setdefault(r["operands"], []).append(r["accuracy"])
+        if "train_steps" in r and r["operands"] == 3:
+            budget.setdefault(name, []).append(f"{r['train_steps']} x {r['samples_per_step']} / {r['train_minutes']:.1f} min")
+    operands = sorted({k for g in groups.values() for k in g})
+    header = ["method", *(f"{k} operands" for k in operands), "n seeds", "training (steps x samples / time)"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    order = sorted(groups, key=lambda n: (n.startswith("GFlowNet"), "prompting" not in n,
+                                          int(n.split("-")[0]) if n[0].isdigit() else 0, n))
+    for name in order:
+        cells = [_mean_std(groups[name][k]) if k in groups[name] else "-" for k in operands]
+        seeds = max(len(v) for v in groups[name].values())
+        lines.append("| " + " | ".join([name, *cells, str(seeds), "; ".join(budget.get(name, ["-"]))]) + " |")
+    return "\n".join(lines)
+
+
+def bench_table(files: list[Path]) -> str:
+    """One row per benchmark run (device): our step, the reference step, speed-up and memory."""
+    header = ["device", "our step (s)", "reference step (s)", "speed-up", "our peak MB", "reference peak MB",
+              "memory ratio", "sampling tok/s", "reward prefixes/s", "share of matmul peak"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for path in files:
+        r = json.loads(path.read_text())
+        ours, ref = r["ours"], r.get("reference", {})
+        share = ours["step_flop"] / ours["step_s"] / 1e9 / r["matmul_peak_gflops"]
+        cells = [r["device"], f"{ours['step_s']:.2f}", f"{ref['step_s']:.2f}" if ref else "-",
+                 f"{r['speedup']:.1f}x" if ref else "-", f"{ours['peak_memory_mb']:.0f}",
+                 f"{ref['peak_memory_mb']:.0f}" if ref else "-", f"{r['memory_ratio']:.2f}" if ref else "-",
+                 f"{ours['sampling_tokens_per_s']:.0f}", f"{ours['reward_prefixes_per_s']:.0f}", f"{100 * share:.0f}%"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def replace_section(readme: Path, section: str, content: str) -> None:
     text = readme.read_text()
     start, end = f"<!-- results:{section} -->", f"<!-- /results:{section} -->"
@@ -50,11 +111,18 @@ def replace_section(readme: Path, section: str, content: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("runs", nargs="+", type=Path, help="run directories holding eval.json")
+    parser.add_argument("runs", nargs="*", type=Path, help="run directories holding eval.json")
+    parser.add_argument("--arithmetic", type=Path, help="output folder of scripts/arithmetic_runs.py")
+    parser.add_argument("--bench", nargs="*", type=Path, help="JSON files of gfnlm bench --output")
     parser.add_argument("--readme", type=Path)
     parser.add_argument("--section", default="random-number")
     args = parser.parse_args()
-    content = table(args.runs)
+    if args.arithmetic:
+        content = arithmetic_table(args.arithmetic)
+    elif args.bench:
+        content = bench_table(args.bench)
+    else:
+        content = table(args.runs)
     print(content)
     if args.readme:
         replace_section(args.readme, args.section, content)

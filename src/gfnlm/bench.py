@@ -69,7 +69,7 @@ class Timing:
 # ----------------------------------------------------------------------------- measuring
 class PeakMemory:
     """Peak memory in use above the level at entry: bytes allocated by malloc on CPU (glibc's
-    ``mallinfo2``, sampled every 2 ms; RSS elsewhere, which freed-but-kept memory blurs), and
+    ``mallinfo2``, sampled every 5 ms; RSS elsewhere, which freed-but-kept memory blurs), and
     allocated bytes on CUDA. Unlike RSS, allocated bytes are not hidden by memory a previous
     step freed and the allocator kept."""
 
@@ -91,7 +91,7 @@ class PeakMemory:
         def poll() -> None:
             while not stop.is_set():
                 peak[0] = max(peak[0], cpu_memory_mb())
-                stop.wait(0.002)
+                stop.wait(0.005)
 
         thread = threading.Thread(target=poll, daemon=True)
         thread.start()
@@ -174,6 +174,14 @@ def time_it(fn: Callable[[], object], warmup: int, repeats: int, device: torch.d
     return timing
 
 
+def measure_peak(fn: Callable[[], object], device: torch.device) -> float:
+    """Peak memory (MB above the start) of one untimed call: the CPU poller slows the code it watches."""
+    memory = PeakMemory(device)
+    with memory.measure():
+        fn()
+    return memory.peak_mb
+
+
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 1.0) -> float:
     """Measured matrix-multiply throughput of this machine, in the model's dtype."""
     a = torch.randn(size, size, device=device, dtype=dtype)
@@ -252,20 +260,30 @@ class StepPaths:
             (self.subtb(*self.reference_terms(query)) / len(self.queries)).backward()
         t.optimizer.step()
 
-    def check_equal(self) -> tuple[float, float]:
-        """Both losses on the same trajectories (no update); raises if they differ."""
+    def check_equal(self) -> tuple[float, float, float]:
+        """Both losses on the same trajectories; raises if they differ. The reference side then
+        finishes its step (backward, update), timed: returns (ours, reference, reference step seconds)."""
         t = self.trainer
         t.model.eval()  # dropout off: both paths must see the same function
         traj = self.sample()
-        fast = float(self.loss(traj, t.reward(traj)).detach())
+        with torch.no_grad():
+            fast = float(self.loss(traj, t.reward(traj)))
         records = traj.records()
+        device = next(t.model.parameters()).device
+        _sync(device)
+        start = time.perf_counter()
+        t.optimizer.zero_grad(set_to_none=True)
         groups = [self.reference_terms(q, forced=records[i * self.samples : (i + 1) * self.samples])
                   for i, q in enumerate(self.queries)]
-        ref = float(self.subtb(*(_pad_cat([g[k] for g in groups]) for k in range(5))).detach())
-        t.optimizer.zero_grad(set_to_none=True)
+        loss = self.subtb(*(_pad_cat([g[k] for g in groups]) for k in range(5)))
+        loss.backward()
+        t.optimizer.step()
+        _sync(device)
+        seconds = time.perf_counter() - start
+        ref = float(loss.detach())
         if abs(fast - ref) > EQUALITY_TOLERANCE * max(1.0, abs(ref)):
             raise AssertionError(f"our loss {fast:.6f} differs from the reference loss {ref:.6f} on the same trajectories")
-        return fast, ref
+        return fast, ref, seconds
 
 
 def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
@@ -299,15 +317,18 @@ def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> d
     echo(f"gfnlm bench: task {s.task}, model {s.model} on {_device_name(device)}; {s.queries} queries x "
          f"{s.samples} samples, max {s.max_len} rationale tokens")
 
-    fast, ref = paths.check_equal()
+    fast, ref, ref_seconds = paths.check_equal()
     echo(f"same trajectories, same loss: ours {fast:.6f}, reference {ref:.6f} (|diff| {abs(fast - ref):.2e})")
 
-    results: dict = {"settings": asdict(s), "device": _device_name(device), "loss_ours": fast, "loss_reference": ref}
+    results: dict = {"settings": asdict(s), "device": _device_name(device), "loss_ours": fast, "loss_reference": ref,
+                     "loss_abs_diff": abs(fast - ref)}
     timings: dict[str, Timing] = {}
     traj = paths.sample()
     log_r = trainer.reward(traj)
     tokens = int(traj.attention_mask[:, traj.prompt_len :].sum())
     prefixes = int((traj.lengths + 1).sum())
+    results["mean_actions"] = float(traj.lengths.float().mean())
+    results["mean_generated_tokens"] = tokens / len(traj)
 
     timings["sampling"] = time_it(paths.sample, s.warmup, s.repeats, device)
     timings["reward"] = time_it(lambda: trainer.reward(traj), s.warmup, s.repeats, device)
@@ -319,17 +340,16 @@ def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> d
 
     timings["forward+loss+backward"] = time_it(forward_backward, s.warmup, s.repeats, device)
     counter = TokenCounter(trainer.model)
-    memory = PeakMemory(device)
     for _ in range(s.warmup):
         paths.fast_step()
     counter.reset()
-    with memory.measure():
-        timings["step"] = time_it(paths.fast_step, 0, s.repeats, device)
+    timings["step"] = time_it(paths.fast_step, 0, s.repeats, device)
     fast_flops = counter.flops(n_params) / s.repeats
+    memory = measure_peak(paths.fast_step, device)
     results["ours"] = {
         "sampling_tokens_per_s": tokens / timings["sampling"].median,
         "reward_prefixes_per_s": prefixes / timings["reward"].median,
-        "peak_memory_mb": memory.peak_mb,
+        "peak_memory_mb": memory,
         "step_flop": fast_flops,
         **{f"{k}_s": t.median for k, t in timings.items()},
     }
@@ -348,17 +368,17 @@ def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> d
 
     if s.reference_repeats > 0:
         counter.reset()
-        ref_memory = PeakMemory(device)
-        with ref_memory.measure():
-            ref_timing = time_it(paths.reference_step, 0, s.reference_repeats, device)
-        ref_flops = counter.flops(n_params) / s.reference_repeats
+        ref_timing = time_it(paths.reference_step, 0, s.reference_repeats - 1, device)
+        ref_flops = counter.flops(n_params) / max(1, s.reference_repeats - 1)
+        ref_timing.seconds.append(ref_seconds)  # the equality check's reference step counts as one run
+        ref_memory = measure_peak(paths.reference_step, device)
         speedup = ref_timing.median / timings["step"].median
-        memory_ratio = memory.peak_mb / ref_memory.peak_mb if ref_memory.peak_mb > 0 else float("nan")
-        results["reference"] = {"step_s": ref_timing.median, "peak_memory_mb": ref_memory.peak_mb, "step_flop": ref_flops}
+        memory_ratio = memory / ref_memory if ref_memory > 0 else float("nan")
+        results["reference"] = {"step_s": ref_timing.median, "step_runs_s": ref_timing.seconds,
+                                "peak_memory_mb": ref_memory, "step_flop": ref_flops if s.reference_repeats > 1 else None}
         results["speedup"], results["memory_ratio"] = speedup, memory_ratio
-        echo(f"reference step: {ref_timing.median:.2f} s (spread {ref_timing.spread()} s, {s.reference_repeats} "
-             f"runs), ~{ref_flops / 1e12:.2f} TFLOP, peak memory {ref_memory.peak_mb:.0f} MB; ours: "
-             f"{timings['step'].median:.2f} s, peak memory {memory.peak_mb:.0f} MB")
+        echo(f"reference step: {ref_timing.median:.2f} s (spread {ref_timing.spread()} s, {len(ref_timing.seconds)} "
+             f"runs), peak memory {ref_memory:.0f} MB; ours: {timings['step'].median:.2f} s, peak memory {memory:.0f} MB")
     counter.handle.remove()
     if s.output:
         Path(s.output).parent.mkdir(parents=True, exist_ok=True)

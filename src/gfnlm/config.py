@@ -35,6 +35,10 @@ class TrainConfig:
 
     seed: int = setting(0, "Seeds LoRA initialisation, sampling, batch composition and dropout.")
     steps: int = setting(200, "Number of optimizer steps.")
+    time_limit_minutes: float = setting(
+        0.0, "Stop after this much training time (checkpoint written; --resume continues); 0: no limit. "
+        "The learning-rate schedule still follows `steps`."
+    )
     queries_per_step: int = setting(4, "Distinct queries X in each micro-batch (amortisation over X).")
     samples_per_query: int = setting(8, "Trajectories per query in each micro-batch.")
     grad_accum: int = setting(1, "Micro-batches per optimizer step; the loss is averaged over them.")
@@ -95,8 +99,8 @@ class TrainConfig:
             raise ConfigError(f"lr_decay must be 'constant', 'linear' or 'cosine', got {self.lr_decay!r}")
         if self.buffer_sampling not in ("uniform", "reward"):
             raise ConfigError(f"buffer_sampling must be 'uniform' or 'reward', got {self.buffer_sampling!r}")
-        if self.lora_rank < 0 or self.warmup_steps < 0 or self.reward_temp_horizon < 0:
-            raise ConfigError("lora_rank, warmup_steps and reward_temp_horizon must be >= 0")
+        if self.lora_rank < 0 or self.warmup_steps < 0 or self.reward_temp_horizon < 0 or self.time_limit_minutes < 0:
+            raise ConfigError("lora_rank, warmup_steps, reward_temp_horizon and time_limit_minutes must be >= 0")
 
 
 def field_help(cls) -> dict[str, str]:

@@ -210,8 +210,14 @@ class Trainer:
                 )
             self._truncate_metrics()
         bar = tqdm(total=c.steps, initial=self.step, desc=self.name, disable=not c.progress, dynamic_ncols=True)
+        deadline = time.perf_counter() + 60 * c.time_limit_minutes if c.time_limit_minutes > 0 else math.inf
         try:
             while self.step < c.steps:
+                if time.perf_counter() > deadline:
+                    logger.info("time limit of %g minutes reached at step %d", c.time_limit_minutes, self.step)
+                    if self.output_dir is not None and self.nan_streak == 0:
+                        self.save_checkpoint()
+                    break
                 metrics = self.train_step()
                 history.append(metrics)
                 bar.update(1)

@@ -116,7 +116,7 @@ class PPOTrainer(Trainer):
         terminal = log_r.exp() if self.ppo.ppo_reward == "exp" else log_r
         kl_per_step = torch.where(valid, old_lp - ref_lp, 0.0)
         rewards = -self.kl_coef * kl_per_step
-        rewards[torch.arange(len(traj)), lengths] += terminal.to(rewards.device)
+        rewards[torch.arange(len(traj), device=rewards.device), lengths.to(rewards.device)] += terminal.to(rewards.device)
         advantages = generalised_advantages(rewards, values, valid, self.ppo.gae_lambda)
         returns = advantages + values
         flat = advantages[valid]

@@ -1,0 +1,75 @@
+"""The benchmark's reference path computes the same loss as ours; the command prints its summary line."""
+
+from __future__ import annotations
+
+import re
+import string
+
+import pytest
+import torch
+
+from conftest import make_char_tokenizer, make_tiny_lm
+from gfnlm.bench import BenchSettings, PeakMemory, StepPaths, cpu_memory_mb, run_bench
+from gfnlm.config import TrainConfig
+from gfnlm.rewards import TextReward
+from gfnlm.tasks.arithmetic import ArithmeticOptions, ArithmeticTask
+from gfnlm.trainer import GFlowNetTrainer
+
+CHARS = string.ascii_letters + string.digits + " +-=,.?:"
+
+
+def _trainer(task, model, reward=None):
+    config = TrainConfig(queries_per_step=2, samples_per_query=3, p_replay=0.0, p_tempered=0.0, lora_rank=4,
+                         lora_alpha=8, progress=False)
+    return GFlowNetTrainer(model, task.tokenizer, reward or task.reward(model), task.train_queries(),
+                           task.action_space(), config, task.tool())
+
+
+def test_reference_and_fast_losses_agree_on_the_same_trajectories():
+    tokenizer = make_char_tokenizer(chars=CHARS)
+    task = ArithmeticTask(ArithmeticOptions(max_len=8, min_len=2, reward_shots=2), tokenizer)
+    trainer = _trainer(task, make_tiny_lm(seed=1, vocab_size=len(tokenizer)))
+    paths = StepPaths(trainer, task, trainer.queries[:2], samples=3, seed=0)
+    fast, ref, seconds = paths.check_equal()
+    assert fast == pytest.approx(ref, rel=1e-4)
+    assert fast > 0 and seconds > 0
+    # both steps update the policy
+    before = [p.detach().clone() for p in trainer.model.parameters() if p.requires_grad]
+    paths.reference_step()
+    paths.fast_step()
+    after = [p for p in trainer.model.parameters() if p.requires_grad]
+    assert any(not torch.equal(a, b) for a, b in zip(before, after))
+
+
+def test_reference_path_needs_a_suffix_reward():
+    tokenizer = make_char_tokenizer(chars=CHARS)
+    task = ArithmeticTask(ArithmeticOptions(max_len=6, min_len=1), tokenizer)
+    reward = TextReward(lambda texts, queries: [0.0] * len(texts), tokenizer)
+    trainer = _trainer(task, make_tiny_lm(vocab_size=len(tokenizer)), reward)
+    with pytest.raises(ValueError, match="LMSuffixReward"):
+        StepPaths(trainer, task, trainer.queries[:1], samples=2, seed=0)
+
+
+def test_peak_memory_sees_a_temporary_allocation():
+    memory = PeakMemory(torch.device("cpu"))
+    with memory.measure():
+        x = torch.ones(50_000_000)  # 200 MB
+        del x
+    assert memory.peak_mb > 150
+    assert cpu_memory_mb() > 0
+
+
+def test_bench_command_prints_a_parsable_summary(tmp_path):
+    tokenizer = make_char_tokenizer(chars=CHARS)
+    model_dir = tmp_path / "tiny"
+    make_tiny_lm(vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    lines: list[str] = []
+    settings = BenchSettings(model=str(model_dir), queries=2, samples=2, max_len=6, warmup=0, repeats=1,
+                             output=str(tmp_path / "bench.json"), lora_rank=4)
+    result = run_bench(settings, echo=lines.append)
+    match = re.fullmatch(r"step speedup vs reference: ([0-9.]+)x, peak memory ratio: ([0-9.]+|nan)", lines[-1])
+    assert match, lines[-1]
+    assert float(match.group(1)) == pytest.approx(result["speedup"], rel=0.05)
+    assert (tmp_path / "bench.json").is_file()
+    assert result["ours"]["step_flop"] > 0 and result["matmul_peak_gflops"] > 0
