@@ -34,8 +34,11 @@ class SharedContext:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def cache(self, batch: int) -> DynamicCache:
-        """A fresh cache holding the context for ``batch`` rows (expanded views: no copy until it grows)."""
+    def cache(self, batch: int, device: torch.device) -> DynamicCache:
+        """A fresh cache holding the context for ``batch`` rows on ``device`` (expanded views: no copy
+        until it grows). The model may have moved since the context was computed (e.g. to the GPU)."""
+        if self._layers[0][0].device != torch.device(device):
+            self._layers = [(k.to(device), v.to(device)) for k, v in self._layers]
         data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self._layers]
         return DynamicCache(ddp_cache_data=data, config=self.config)
 

@@ -140,7 +140,7 @@ def lm_prefix_log_likelihoods(
         input_ids, position_ids, mask = traj.input_ids, traj.position_ids, traj.attention_mask
     cache = None
     if context is not None:  # the context's columns come first, visible to every real token
-        cache = context.cache(batch)
+        cache = context.cache(batch, input_ids.device)
         position_ids = position_ids + len(context)
         if mask.ndim == 4:
             mask = torch.cat([mask.new_zeros((*mask.shape[:3], len(context))), mask], dim=3)

@@ -123,7 +123,7 @@ def sample(
         # each distinct prompt runs once; its KV cache is then gathered to every row that uses it
         first_rows, row_slot = prompt_batch.distinct_prompts()
         prompt_mask = prompt_batch.attention_mask[first_rows]
-        cache = None if context is None else context.cache(len(first_rows))
+        cache = None if context is None else context.cache(len(first_rows), device)
         logits, cache = _next_step_logits(model, prompt_batch.input_ids[first_rows], prompt_mask,
                                           full_mask[first_rows], cache)
         logits = logits[row_slot]
