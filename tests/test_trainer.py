@@ -55,6 +55,20 @@ def test_fresh_run_refuses_a_used_output_dir(tokenizer, tmp_path):
         make_trainer(tokenizer, tmp_path, steps=2).train()
 
 
+def test_time_limit_stops_with_a_checkpoint_and_resume_continues(tokenizer, tmp_path, monkeypatch):
+    import gfnlm.trainer as trainer_module
+
+    clock = iter(range(0, 10_000, 25))  # every reading of the clock is 25 s later
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: float(next(clock)))
+    limited = make_trainer(tokenizer, tmp_path, time_limit_minutes=1.0, save_every=100)
+    limited.train()
+    assert 0 < limited.step < 6
+    assert limited.latest_checkpoint().name == f"step-{limited.step:07d}"
+    resumed = make_trainer(tokenizer, tmp_path)
+    resumed.train(resume=True)
+    assert resumed.step == 6
+
+
 def test_training_changes_only_lora_parameters(tokenizer):
     trainer = make_trainer(tokenizer, steps=3)
     before = {n: p.detach().clone() for n, p in trainer.model.named_parameters()}
