@@ -29,7 +29,7 @@ def test_reference_and_fast_losses_agree_on_the_same_trajectories():
     tokenizer = make_char_tokenizer(chars=CHARS)
     task = ArithmeticTask(ArithmeticOptions(max_len=8, min_len=2, reward_shots=2), tokenizer)
     trainer = _trainer(task, make_tiny_lm(seed=1, vocab_size=len(tokenizer)))
-    paths = StepPaths(trainer, task, trainer.queries[:2], samples=3, seed=0)
+    paths = StepPaths(trainer, trainer.queries[:2], samples=3, seed=0)
     fast, ref, seconds = paths.check_equal()
     assert fast == pytest.approx(ref, rel=1e-4)
     assert fast > 0 and seconds > 0
@@ -47,7 +47,7 @@ def test_reference_path_needs_a_suffix_reward():
     reward = TextReward(lambda texts, queries: [0.0] * len(texts), tokenizer)
     trainer = _trainer(task, make_tiny_lm(vocab_size=len(tokenizer)), reward)
     with pytest.raises(ValueError, match="LMSuffixReward"):
-        StepPaths(trainer, task, trainer.queries[:1], samples=2, seed=0)
+        StepPaths(trainer, trainer.queries[:1], samples=2, seed=0)
 
 
 def test_peak_memory_sees_a_temporary_allocation():

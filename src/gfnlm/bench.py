@@ -203,11 +203,11 @@ def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 204
 class StepPaths:
     """Our step and the reference step on one trainer (same model, LoRA, optimizer, reward, queries)."""
 
-    def __init__(self, trainer: GFlowNetTrainer, task, queries: list[Query], samples: int, seed: int):
+    def __init__(self, trainer: GFlowNetTrainer, queries: list[Query], samples: int, seed: int):
         if not isinstance(trainer.reward, LMSuffixReward):
-            raise ValueError("the reference path reproduces suffix rewards (LMSuffixReward); "
-                             f"task {task.name!r} has {type(trainer.reward).__name__}")
-        self.trainer, self.task, self.samples = trainer, task, samples
+            raise ValueError("the reference path reproduces suffix rewards (LMSuffixReward); this trainer's "
+                             f"reward is {type(trainer.reward).__name__}")
+        self.trainer, self.samples = trainer, samples
         self.queries = queries
         self.generator = torch.Generator().manual_seed(seed)
         reward = trainer.reward
@@ -311,7 +311,7 @@ def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> d
     trainer = GFlowNetTrainer(model, tokenizer, task.reward(model), task.train_queries(), task.action_space(),
                               config, task.tool())
     queries = trainer.queries[: s.queries]
-    paths = StepPaths(trainer, task, queries, s.samples, s.seed)
+    paths = StepPaths(trainer, queries, s.samples, s.seed)
     n_params = sum(p.numel() for p in trainer.model.parameters())
     dtype = next(trainer.model.parameters()).dtype
     echo(f"gfnlm bench: task {s.task}, model {s.model} on {_device_name(device)}; {s.queries} queries x "

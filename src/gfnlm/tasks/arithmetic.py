@@ -42,6 +42,7 @@ RATIONALE_TOKEN = re.compile(r" ?[0-9+\-=,]| ")
 """Text of a token the rationale may use: one digit, operator, "=" or ",", optionally after a space."""
 _INTEGER = re.compile(r"-?\d+")
 ZERO_SHOT_CUE = "Let us think step by step."
+DEFAULT_TRAIN_EVAL_QUESTIONS = 100
 
 
 @dataclass(frozen=True)
@@ -151,8 +152,9 @@ class ArithmeticOptions(TaskOptions):
     reward_shots: int = setting(3, "Worked examples prepended to the reward's context (paper: 3).")
     max_len: int = setting(24, "Most rationale tokens (actions) during training.")
     min_len: int = setting(5, "Fewest rationale tokens before the policy may stop (paper: 5).")
-    test_file: str | None = setting(None, "Questions to evaluate on (default: the first eval_questions training ones).")
-    eval_questions: int | None = setting(None, "Evaluate on at most this many questions of the file.")
+    test_file: str | None = setting(None, "Questions to evaluate on (default: the first training questions).")
+    eval_questions: int | None = setting(
+        None, "Evaluate on at most this many questions (default: all of test_file, or 100 training questions).")
     eval_samples: int = setting(10, "Rationales drawn per question for the majority vote.")
     eval_temperature: float = setting(0.1, "Sampling temperature of the rationales in evaluation.")
     eval_max_len: int = setting(40, "Most rationale tokens in evaluation (5-operand chains need more than 24).")
@@ -260,9 +262,8 @@ class ArithmeticTask(Task):
         o = self.options
         source = o.test_file or o.train_file
         problems = load_problems(source)
-        if o.test_file is None and o.eval_questions is None:
-            problems = problems[:100]
-        return source, problems[: o.eval_questions]
+        limit = o.eval_questions if o.eval_questions is not None or o.test_file else DEFAULT_TRAIN_EVAL_QUESTIONS
+        return source, problems[:limit]
 
     def complete_answers(self, model, prompts: list[str]) -> list[int | None]:
         """The base LM's answer after each "X Z." (greedy, reward demonstrations in context)."""
