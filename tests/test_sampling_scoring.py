@@ -97,3 +97,13 @@ def test_bad_sampling_arguments(tiny_lm, tokenizer):
     tokenizer.pad_token = None
     with pytest.raises(ValueError, match="pad token"):
         sample(tiny_lm, tokenizer, queries(2), space)
+
+
+def test_draw_tokens_follows_the_probabilities_and_skips_zeros():
+    from gfnlm.sampling import draw_tokens
+
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.2, 0.3, 0.0]]).expand(20000, -1)
+    draws = draw_tokens(probs * 7.0, torch.Generator().manual_seed(0))  # unnormalised input is fine
+    counts = torch.bincount(draws, minlength=6).double() / len(draws)
+    assert counts[[0, 2, 5]].sum() == 0
+    assert torch.allclose(counts, probs[0].double(), atol=0.015)

@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from gfnlm.sampling import ToolHook
+from gfnlm.sampling import ToolHook, draw_tokens
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
 
@@ -87,7 +87,7 @@ def sample_with_grad(
             picks = [forced_actions[b][int(n_actions[r])] if int(n_actions[r]) < len(forced_actions[b])
                      else space.stop_token_ids[0] for r, b in enumerate(rows)]
         else:
-            picks = torch.multinomial(log_probs.detach().exp().cpu(), 1, generator=generator).squeeze(1).tolist()
+            picks = draw_tokens(log_probs.detach().exp().cpu(), generator).tolist()
         for r, b in enumerate(rows):
             steps_pterm[b].append(stop_lp[r])
             token = int(picks[r])
