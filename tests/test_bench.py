@@ -8,14 +8,29 @@ import string
 import pytest
 import torch
 
+import json
+
 from conftest import make_char_tokenizer, make_tiny_lm
+from test_arithmetic import PLAIN, WORKED
 from gfnlm.bench import BenchSettings, PeakMemory, StepPaths, cpu_memory_mb, run_bench
 from gfnlm.config import TrainConfig
 from gfnlm.rewards import TextReward
-from gfnlm.tasks.arithmetic import ArithmeticOptions, ArithmeticTask
+from gfnlm.tasks.arithmetic import ArithmeticOptions, ArithmeticTask, generate_problems
 from gfnlm.trainer import GFlowNetTrainer
 
 CHARS = string.ascii_letters + string.digits + " +-=,.?:"
+
+
+@pytest.fixture(autouse=True)
+def _arithmetic_data_at_its_default_place(tmp_path, monkeypatch):
+    """The task's default files (../shared/data/arithmetic/...), written small, relative to a fresh cwd."""
+    data = tmp_path / "shared" / "data" / "arithmetic"
+    data.mkdir(parents=True)
+    worked = WORKED + generate_problems(3, 47, seed=0)  # 50 worked examples, as the real file has
+    (data / "1digit_34_op+-_train_50.json").write_text(json.dumps(worked))
+    (data / "1digit_34_op+-_hw.json").write_text(json.dumps(PLAIN))
+    (tmp_path / "project").mkdir()
+    monkeypatch.chdir(tmp_path / "project")
 
 
 def _trainer(task, model, reward=None):
