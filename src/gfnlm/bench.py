@@ -9,7 +9,8 @@ query per batch, log-probs taken from a sampling loop that carries gradients wit
 
 Before anything is timed, both paths compute the loss on the same trajectories and must agree
 within 1e-4 (relative to the loss's size). Then each part is timed (warm-up, repeats, median and
-spread), peak memory is measured (RSS above the loaded model on CPU, allocated memory on CUDA),
+spread), peak memory is measured in separate untimed runs (bytes allocated above the start: malloc
+on CPU, the CUDA allocator on GPU),
 and the floating-point work of a step is compared with the machine's measured matmul throughput.
 """
 
@@ -269,7 +270,7 @@ class StepPaths:
         with torch.no_grad():
             fast = float(self.loss(traj, t.reward(traj)))
         records = traj.records()
-        device = next(t.model.parameters()).device
+        device = t.device
         _sync(device)
         start = time.perf_counter()
         t.optimizer.zero_grad(set_to_none=True)

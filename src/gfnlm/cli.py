@@ -160,7 +160,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         if args.adapter:
             raise ConfigError("--method prompting evaluates the base model; drop --adapter")
         args.method = None
-        if int(parse_overrides(overrides).get("shots", 0)) == 0 and "cue" not in parse_overrides(overrides):
+        given = parse_overrides(overrides)
+        if int(given.get("shots", 0)) == 0 and "cue" not in given:
             overrides = [*overrides, "--cue", ZERO_SHOT_CUE]  # zero-shot chain of thought (paper §4.4)
     run = resolve_settings(args, overrides, saved)
     output_dir = Path(args.output_dir or args.adapter or "eval")

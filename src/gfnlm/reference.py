@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from gfnlm.sampling import ToolHook, draw_tokens
+from gfnlm.sampling import ToolHook, draw_tokens, take_action
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
 
@@ -42,6 +42,17 @@ def per_prefix_log_likelihoods(
 
 
 # ----------------------------------------------------------------------------- the paper's training step
+def _right_padded(seqs: list[list[int]]) -> tuple[Tensor, Tensor]:
+    """Token ids and attention mask [R, width], padded on the right: causal attention never sees it."""
+    width = max(map(len, seqs))
+    ids = torch.zeros((len(seqs), width), dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for r, seq in enumerate(seqs):
+        ids[r, : len(seq)] = torch.tensor(seq)
+        mask[r, : len(seq)] = 1
+    return ids, mask
+
+
 def sample_with_grad(
     model,
     query_prompt_ids: list[int],
@@ -71,13 +82,7 @@ def sample_with_grad(
         forced_actions = [[t for t, a in zip(r.generated_ids, r.is_action) if a] for r in forced]
     while not all(done):
         rows = [b for b in range(n) if not done[b]]
-        seqs = [query_prompt_ids + generated[b] for b in rows]
-        width = max(map(len, seqs))
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, seq in enumerate(seqs):  # right padding: causal attention never sees it
-            ids[r, : len(seq)] = torch.tensor(seq)
-            mask[r, : len(seq)] = 1
+        ids, mask = _right_padded([query_prompt_ids + generated[b] for b in rows])
         logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits  # [R, width, V]
         last = logits[torch.arange(len(rows)), mask.sum(1) - 1]  # [R, V]
         n_actions = torch.tensor([sum(is_action[b]) for b in rows], device=device)
@@ -95,11 +100,7 @@ def sample_with_grad(
                 done[b] = True
                 continue
             steps_pf[b].append(log_probs[r, token])
-            generated[b].append(token)
-            is_action[b].append(True)
-            inserted = list(tool(query, generated[b])) if tool is not None else []
-            generated[b] += inserted
-            is_action[b] += [False] * len(inserted)
+            take_action(query, generated[b], is_action[b], token, tool)
     horizon = max(len(p) for p in steps_pf)
     zero = torch.zeros((), device=device)
     log_pf = torch.stack([torch.stack(p + [zero] * (horizon - len(p))) for p in steps_pf])
@@ -121,10 +122,7 @@ def per_prefix_suffix_rewards(model, records: Sequence[TrajectoryRecord], suffix
     for i in range(horizon + 1):
         rows = [b for b in range(len(records)) if i < len(ends[b])]
         seqs = [list(context_ids) + records[b].prompt_ids + records[b].generated_ids[: ends[b][i]] + suffix for b in rows]
-        width = max(map(len, seqs))
-        ids = torch.zeros((len(rows), width), dtype=torch.long)
-        for r, seq in enumerate(seqs):
-            ids[r, : len(seq)] = torch.tensor(seq)
+        ids, _ = _right_padded(seqs)
         log_probs = model(input_ids=ids.to(device)).logits.float().log_softmax(-1)  # [R, width, V]
         for r, b in enumerate(rows):
             start = len(context_ids) + len(records[b].prompt_ids)

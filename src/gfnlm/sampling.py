@@ -26,6 +26,21 @@ ToolHook = Callable[[Query, list[int]], list[int]]
 insertions); returns the token ids to insert as context (empty list: nothing)."""
 
 
+def take_action(query: Query, generated: list[int], is_action: list[bool], token: int,
+                tool: ToolHook | None) -> list[int]:
+    """Append action ``token`` and whatever ``tool`` inserts after it (context, not actions), in place.
+
+    Returns the inserted ids. The one place that says how a tool's tokens join a trajectory, shared
+    by the sampler, the reference path and tasks that rebuild known trajectories.
+    """
+    generated.append(token)
+    is_action.append(True)
+    inserted = list(tool(query, list(generated))) if tool is not None else []
+    generated.extend(inserted)
+    is_action.extend([False] * len(inserted))
+    return inserted
+
+
 def require_pad_token(tokenizer) -> int:
     if tokenizer.pad_token_id is None:
         raise ValueError(
@@ -162,13 +177,8 @@ def sample(
                 if stops[b]:
                     continue
                 tok = int(token[b])
-                generated[b].append(tok)
-                is_action[b].append(True)
                 log_pf[b].append(float(token_lp[b]))
-                inserted = list(tool(queries[b], list(generated[b]))) if tool is not None else []
-                generated[b].extend(inserted)
-                is_action[b].extend([False] * len(inserted))
-                chunks[b] = [tok] + inserted
+                chunks[b] = [tok] + take_action(queries[b], generated[b], is_action[b], tok, tool)
             n_actions += (~done & ~stops).long()
             done |= stops
             if bool(done.all()):

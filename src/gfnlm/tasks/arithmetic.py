@@ -32,7 +32,7 @@ from gfnlm.context import SharedContext
 from gfnlm.exact import token_strings
 from gfnlm.models import stop_token_ids
 from gfnlm.rewards import LMSuffixReward, adapter_disabled
-from gfnlm.sampling import encode_prompts, sample
+from gfnlm.sampling import encode_prompts, sample, take_action
 from gfnlm.tasks.base import Task, TaskOptions
 from gfnlm.tools import CalculatorTool, fill_in_results
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
@@ -183,11 +183,12 @@ class ArithmeticTask(Task):
         for count, name in ((o.reward_shots, "reward_shots"), (o.shots, "shots"), (o.seed_rationales, "seed_rationales")):
             if count > len(self.worked):
                 raise ValueError(f"{name}={count} but {o.worked_file} has {len(self.worked)} worked examples")
-        if o.test_file is not None:
-            load_problems(o.test_file)  # a bad test file fails here, before any work
+        # a bad test file fails here, before any work; it is read once
+        self._test_set = load_problems(o.test_file) if o.test_file is not None else None
         self.stop_ids = self._stop_ids()
         self.allowed_ids = tuple(t for t, s in token_strings(tokenizer).items() if RATIONALE_TOKEN.fullmatch(s))
         self._reward_context: SharedContext | None = None
+        self._worked_records: list[TrajectoryRecord] | None = None
 
     def _stop_ids(self) -> tuple[int, ...]:
         ids = tuple(t for t, s in token_strings(self.tokenizer).items() if s == ".")
@@ -226,16 +227,13 @@ class ArithmeticTask(Task):
         """A worked rationale as the policy would write it: its actions, with the calculator inserting after "="."""
         query = self.query(problem)
         actions = self.tokenizer(" " + problem.rationale, add_special_tokens=False)["input_ids"]
-        bad = [self.tokenizer.decode([t]) for t in actions if t not in set(self.allowed_ids)]
+        allowed = set(self.allowed_ids)
+        bad = [self.tokenizer.decode([t]) for t in actions if t not in allowed]
         if bad:
             raise ValueError(f"worked rationale {problem.rationale!r} uses tokens outside the action space: {bad}")
         tool, generated, is_action = self.tool(), [], []
         for token in actions:
-            generated.append(token)
-            is_action.append(True)
-            inserted = tool(query, generated)
-            generated += inserted
-            is_action += [False] * len(inserted)
+            take_action(query, generated, is_action, token, tool)
         return TrajectoryRecord(query, encode_prompts(self.tokenizer, [query])[0], generated, is_action)
 
     def seed_records(self) -> list[TrajectoryRecord]:
@@ -243,9 +241,10 @@ class ArithmeticTask(Task):
 
     def sft_examples(self, n: int, generator: torch.Generator) -> list[TrajectoryRecord]:
         """Worked rationales drawn uniformly (SFT on the tool-use sequences, paper §4.4)."""
-        records = [self.rationale_record(p) for p in self.worked]
-        picks = torch.randint(len(records), (n,), generator=generator).tolist()
-        return [records[i] for i in picks]
+        if self._worked_records is None:  # built once: SFT draws from them every step
+            self._worked_records = [self.rationale_record(p) for p in self.worked]
+        picks = torch.randint(len(self._worked_records), (n,), generator=generator).tolist()
+        return [self._worked_records[i] for i in picks]
 
     # ----------------------------------------------------------------- evaluation
     def policy_prompt(self, problem: Problem) -> str:
@@ -261,7 +260,7 @@ class ArithmeticTask(Task):
     def test_problems(self) -> tuple[str, list[Problem]]:
         o = self.options
         source = o.test_file or o.train_file
-        problems = load_problems(source)
+        problems = self._test_set if o.test_file is not None else load_problems(source)
         limit = o.eval_questions if o.eval_questions is not None or o.test_file else DEFAULT_TRAIN_EVAL_QUESTIONS
         return source, problems[:limit]
 
