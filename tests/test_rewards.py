@@ -20,6 +20,9 @@ RECORDS = [
     TrajectoryRecord(Query("1", target="=7"), [1, 4], [5, 6, 13, 14, 14, 7], [True, True, True, False, False, True]),
     TrajectoryRecord(Query("23+4", target="9"), [1, 5, 6, 13, 7], [8, 9], [True, True]),
     TrajectoryRecord(Query("5", target="+12"), [1, 8], [], []),
+    # samples sharing a prompt with the rows above (the rewards run each distinct prompt once)
+    TrajectoryRecord(Query("23+4", target="9"), [1, 5, 6, 13, 7], [4, 14, 9], [True, True, True]),
+    TrajectoryRecord(Query("1", target="=7"), [1, 4], [7], [True]),
 ]
 
 
@@ -51,7 +54,7 @@ def test_suffix_reward_matches_per_prefix_passes(tiny_lm, tokenizer, batch):
 
 def test_stop_reward_object(tiny_lm, tokenizer, batch):
     reward = LMStopReward(tiny_lm, tokenizer, stop_token_ids=[2])(batch)
-    assert reward.shape == (3, 5)
+    assert reward.shape == (len(RECORDS), 5)
     assert torch.isfinite(reward[0]).all() and (reward[0] < 0).all()
 
 

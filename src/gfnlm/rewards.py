@@ -30,6 +30,8 @@ from gfnlm.scoring import head_log_probs, split_model
 from gfnlm.trajectories import Query, Trajectories
 
 if TYPE_CHECKING:
+    from transformers import DynamicCache
+
     from gfnlm.context import SharedContext
 
 
@@ -114,6 +116,34 @@ def _packed_suffix_inputs(traj: Trajectories, suffix_ids: Sequence[Sequence[int]
     return input_ids, position_ids, mask, suffix, suffix_real
 
 
+def _shared_prompt_hidden(model, traj: Trajectories, input_ids: Tensor, position_ids: Tensor, mask: Tensor,
+                          context: SharedContext | None) -> tuple[Tensor, DynamicCache]:
+    """Final hidden states of columns P-1 .. of the packed inputs [B, total], P = traj.prompt_len,
+    and the KV cache of all columns (for continuing the rows).
+
+    Each distinct prompt runs once and its KV cache is gathered to the rows that share it (all the
+    samples of one query), then the rest of every row runs over that cache. ``mask`` is [B, C + total]
+    or [B, 1, total, C + total] (C context columns in front); ``position_ids`` already count the context.
+    """
+    p = traj.prompt_len
+    first_rows, row_slot = traj.distinct_prompts()
+    cache = None if context is None else context.cache(len(first_rows), input_ids.device)
+    columns = mask.shape[-1] - input_ids.shape[1] + p  # context and prompt columns
+    prompt_mask = mask[first_rows, :columns] if mask.ndim == 2 else mask[first_rows, :, :p, :columns]
+    body, _, _ = split_model(model)
+    out = body(input_ids=input_ids[first_rows, :p], attention_mask=prompt_mask,
+               position_ids=position_ids[first_rows, :p], cache=cache, use_cache=True)
+    hidden = out.last_hidden_state[row_slot, -1:]  # [B, 1, H]: column P-1
+    cache = out.cache
+    cache.reorder_cache(row_slot)
+    if input_ids.shape[1] > p:
+        rest_mask = mask if mask.ndim == 2 else mask[:, :, p:, :]
+        rest = body(input_ids=input_ids[:, p:], attention_mask=rest_mask, position_ids=position_ids[:, p:],
+                    cache=cache, use_cache=True).last_hidden_state  # [B, total - P, H]
+        hidden = torch.cat([hidden, rest], dim=1)
+    return hidden, cache
+
+
 @torch.no_grad()
 def lm_prefix_log_likelihoods(
     model,
@@ -138,22 +168,13 @@ def lm_prefix_log_likelihoods(
         input_ids, position_ids, mask, suffix, suffix_real = _packed_suffix_inputs(traj, suffix_ids, pad_token_id, dtype)
     else:
         input_ids, position_ids, mask = traj.input_ids, traj.position_ids, traj.attention_mask
-    cache = None
     if context is not None:  # the context's columns come first, visible to every real token
-        cache = context.cache(batch, input_ids.device)
         position_ids = position_ids + len(context)
         if mask.ndim == 4:
             mask = torch.cat([mask.new_zeros((*mask.shape[:3], len(context))), mask], dim=3)
         else:
             mask = context.mask(mask)
-    body, _, _ = split_model(model)
-    hidden = body(
-        input_ids=input_ids,
-        attention_mask=mask,
-        position_ids=position_ids,
-        cache=cache,
-        use_cache=cache is not None,
-    ).last_hidden_state[:, start:]  # [B, total - start, H]: columns P-1 ..
+    hidden, _ = _shared_prompt_hidden(model, traj, input_ids, position_ids, mask, context)  # [B, total - start, H]
     # log-prob of the next token of the packed sequence at every column (trajectory, then suffix copies)
     next_ids = torch.cat([input_ids[:, start + 1 :], input_ids[:, -1:]], dim=1)  # [B, total - start]
     next_lp = head_log_probs(model, hidden, next_ids[..., None]).squeeze(-1)  # [B, total - start]
@@ -183,6 +204,49 @@ def lm_prefix_log_likelihoods(
         rest = next_lp[:, width - start :].reshape(batch, num_states, m)[:, :, :-1]  # Y's tokens 2..m
         log_r = log_r + (rest * suffix_real[:, None, 1:]).sum(dim=2)
     return log_r
+
+
+@torch.no_grad()
+def lm_continuation_log_likelihoods(
+    model,
+    traj: Trajectories,
+    continuations: Sequence[Sequence[int]],
+    context: SharedContext | None = None,
+) -> Tensor:
+    """log p(c_k | X s_n) of each continuation c_k after every trajectory's final state: [B, K].
+
+    For choosing among a few answers (class labels): the trajectories run once (each distinct
+    prompt once), then each continuation over their KV cache, which is cropped back after each.
+    Far cheaper than a suffix reward, which scores every prefix state, or one pass per answer.
+    """
+    if not continuations or any(len(c) == 0 for c in continuations):
+        raise RewardError("every continuation needs at least one token")
+    batch, device, p = len(traj), traj.input_ids.device, traj.prompt_len
+    mask, positions = traj.attention_mask, traj.position_ids
+    if context is not None:
+        mask, positions = context.mask(mask), positions + len(context)
+    hidden, cache = _shared_prompt_hidden(model, traj, traj.input_ids, positions, mask, context)  # [B, 1 + G, H]
+    body, _, _ = split_model(model)
+    final_col = traj.state_columns().gather(1, traj.lengths[:, None].to(device))  # [B, 1]
+    final_hidden = hidden.gather(1, (final_col - (p - 1))[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, 1, H]
+    final_pos = positions.gather(1, final_col)  # [B, 1]
+    scores = []
+    for ids in continuations:
+        tokens = torch.tensor(list(ids), dtype=torch.long, device=device).expand(batch, -1)  # [B, m]
+        log_p = head_log_probs(model, final_hidden, tokens[:, :1, None]).sum(dim=(1, 2))  # [B]
+        if tokens.shape[1] > 1:
+            rest = tokens[:, :-1]  # [B, m-1]: each predicts the next
+            rest_hidden = body(
+                input_ids=rest,
+                attention_mask=torch.cat([mask, mask.new_ones(rest.shape)], dim=1),
+                position_ids=final_pos + 1 + torch.arange(rest.shape[1], device=device),
+                cache=cache,
+                use_cache=True,
+            ).last_hidden_state  # [B, m-1, H]
+            log_p = log_p + head_log_probs(model, rest_hidden, tokens[:, 1:, None]).sum(dim=(1, 2))
+            cache.crop(-rest.shape[1])  # drop this continuation: back to the trajectories alone
+        scores.append(log_p)
+    return torch.stack(scores, dim=1).float()  # [B, K]
 
 
 class LMStopReward:
