@@ -14,8 +14,6 @@ import importlib.metadata
 import json
 import logging
 import math
-import os
-import shutil
 import struct
 import threading
 import time

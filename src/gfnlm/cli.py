@@ -22,7 +22,7 @@ import yaml
 from gfnlm.config import ConfigError, TrainConfig, apply_settings, field_help, load_yaml, parse_overrides, to_dict
 
 logger = logging.getLogger("gfnlm")
-METHODS = ("gfn", "ppo", "sft")
+METHODS = ("gfn", "ppo", "sft", "em")
 RUN_KEYS = ("model", "task", "method")  # chosen by flags; may also appear in a YAML file
 
 
@@ -59,11 +59,11 @@ def resolve_settings(args: argparse.Namespace, overrides: list[str], saved: dict
     model = str(settings.pop("model", DEFAULT_MODEL))
     task = str(settings.pop("task", "random-number"))
     method = str(settings.pop("method", "gfn"))
-    if method not in METHODS:
+    if method not in (*METHODS, "prompting"):
         raise ConfigError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
     task_cls = get_task(task)
     train, options, ppo = TrainConfig(), task_cls.Options(), PPOConfig()
-    apply_settings([train, options, ppo], settings)
+    apply_settings([train, options, ppo], task_cls.method_settings(method, settings) | settings)
     train.validate()
     ppo.validate()
     return RunSettings(model, task, method, train, options, ppo)
@@ -78,12 +78,16 @@ def build_trainer(run: RunSettings, model, tokenizer, task, output_dir: Path | N
     space, queries = task.action_space(), task.train_queries()
     if run.method == "gfn":
         trainer = GFlowNetTrainer(model, tokenizer, task.reward(model), queries, space, run.train, task.tool(), output_dir)
-        seeds = task.seed_records()
+        seeds = task.seed_records(trainer.model)
         if seeds:
             trainer.seed_buffer(seeds)
         return trainer
     if run.method == "ppo":
         return PPOTrainer(model, tokenizer, task.reward(model), queries, space, run.train, run.ppo, task.tool(), output_dir)
+    if run.method == "em":  # M-step: the LM learns log p(Z Y | X) on rationales of the E-step's policy
+        if not hasattr(task, "prepare_m_step"):
+            raise ConfigError(f"task {run.task!r} has no EM step")
+        space = task.prepare_m_step(model)
     return SFTTrainer(model, tokenizer, task.sft_examples, space, run.train, output_dir)
 
 
@@ -123,16 +127,10 @@ def load_for_eval(model_name: str, adapter: str | None, device: str = "auto"):
         return model, tokenizer
     from peft import PeftModel
 
-    path = Path(adapter)
-    if (path / "checkpoints").is_dir():
-        done = sorted(p for p in (path / "checkpoints").glob("step-*") if (p / "adapter").is_dir())
-        if not done:
-            raise ConfigError(f"{path} has no checkpoint with a LoRA adapter")
-        path = done[-1] / "adapter"
-    if not (path / "adapter_config.json").is_file():
-        raise ConfigError(f"{adapter} is neither a run directory nor a peft adapter folder")
+    from gfnlm.models import adapter_folder
+
     # kept unmerged: tasks whose evaluation also runs the base model switch the adapter off
-    return PeftModel.from_pretrained(model, str(path)), tokenizer
+    return PeftModel.from_pretrained(model, str(adapter_folder(adapter))), tokenizer
 
 
 # ----------------------------------------------------------------------------- commands
@@ -154,15 +152,8 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     if args.adapter and (Path(args.adapter) / "config.yaml").is_file():
         saved = yaml.safe_load((Path(args.adapter) / "config.yaml").read_text())
     prompting = args.method == "prompting"
-    if prompting:
-        from gfnlm.tasks.arithmetic import ZERO_SHOT_CUE
-
-        if args.adapter:
-            raise ConfigError("--method prompting evaluates the base model; drop --adapter")
-        args.method = None
-        given = parse_overrides(overrides)
-        if int(given.get("shots", 0)) == 0 and "cue" not in given:
-            overrides = [*overrides, "--cue", ZERO_SHOT_CUE]  # zero-shot chain of thought (paper §4.4)
+    if prompting and args.adapter:
+        raise ConfigError("--method prompting evaluates the base model; drop --adapter")
     run = resolve_settings(args, overrides, saved)
     output_dir = Path(args.output_dir or args.adapter or "eval")
     output_dir.mkdir(parents=True, exist_ok=True)
@@ -309,7 +300,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="fine-tune a model on a task", epilog=_settings_epilog(), formatter_class=fmt)
     train.add_argument("--task", help="task name (default random-number)")
-    train.add_argument("--method", choices=METHODS, help="gfn (default), ppo or sft")
+    train.add_argument("--method", choices=METHODS, help="gfn (default), ppo, sft, or em (an M-step after a "
+                       "GFlowNet run given as --e-step-run DIR)")
     train.add_argument("--model", help="embedded model name, Hugging Face id or local folder")
     train.add_argument("--output-dir", required=True, help="run directory")
     train.add_argument("--config", help="YAML file of settings")

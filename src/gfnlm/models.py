@@ -214,6 +214,19 @@ def load_model_and_tokenizer(
 _END_MARKERS = ("<|endoftext|>", "<|im_end|>", "</s>", "<eos>", "<end_of_turn>", "<|eot_id|>", "<|end_of_text|>")
 
 
+def adapter_folder(path: str | os.PathLike[str]) -> Path:
+    """The peft adapter folder of a run directory (its latest checkpoint) or the folder itself."""
+    folder = Path(path)
+    if (folder / "checkpoints").is_dir():
+        done = sorted(p for p in (folder / "checkpoints").glob("step-*") if (p / "adapter").is_dir())
+        if not done:
+            raise ModelLoadError(f"{folder} has no checkpoint with a LoRA adapter")
+        folder = done[-1] / "adapter"
+    if not (folder / "adapter_config.json").is_file():
+        raise ModelLoadError(f"{path} is neither a run directory nor a peft adapter folder")
+    return folder
+
+
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
     """The tokens a policy may stop with: the tokenizer's EOS and every common end marker it has."""
     vocab = tokenizer.get_vocab()

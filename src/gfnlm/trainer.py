@@ -384,6 +384,9 @@ class GFlowNetTrainer(Trainer):
             traj = Trajectories.from_records(chunk, self.pad_id, self.device)
             log_r = compute_log_rewards(self.reward, traj)
             added += self.buffer.add(chunk, self._terminal(log_r, traj).tolist())
+        if added < len(records):
+            logger.warning("replay buffer kept %d of %d seed trajectories (duplicates, or buffer_capacity %d is "
+                           "smaller than the seeds of one query)", added, len(records), self.buffer.capacity)
         return added
 
     def seed_buffer_from_texts(self, examples: Sequence[tuple[Query, str]]) -> int:

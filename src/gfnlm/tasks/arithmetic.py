@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 
 from gfnlm.config import setting
 from gfnlm.context import SharedContext
+from gfnlm.data import read_rows, row_name
 from gfnlm.exact import token_strings
 from gfnlm.models import stop_token_ids
 from gfnlm.rewards import LMSuffixReward, adapter_disabled
@@ -66,37 +67,11 @@ def load_problems(source: str | Path) -> list[Problem]:
 
     Each row needs ``str_query`` (text) and ``num_sol`` (an integer); a bad row is named.
     """
-    path = Path(source)
-    if path.is_file():
-        text = path.read_text()
-        try:
-            rows = json.loads(text)
-        except json.JSONDecodeError:
-            try:
-                rows = [json.loads(line) for line in text.splitlines() if line.strip()]
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}: neither a JSON list nor JSON lines ({err})") from None
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a list of problems, got {type(rows).__name__}")
-    elif path.suffix in {".json", ".jsonl"} or path.exists():
-        raise ValueError(f"arithmetic data file {path} does not exist")
-    else:
-        rows = _load_hub_dataset(str(source))
-    return [_problem_from_row(row, path, i) for i, row in enumerate(rows)]
+    return [_problem_from_row(row, source, i) for i, row in enumerate(read_rows(source))]
 
 
-def _load_hub_dataset(name: str) -> list[dict]:
-    try:
-        import datasets
-    except ImportError:
-        raise ValueError(f"{name!r} is not a file; loading a Hugging Face dataset needs `pip install datasets`") from None
-    return list(datasets.load_dataset(name, split="train"))
-
-
-def _problem_from_row(row, path: Path, index: int) -> Problem:
-    where = f"{path}, row {index}"
-    if not isinstance(row, dict):
-        raise ValueError(f"{where}: expected an object with str_query and num_sol, got {type(row).__name__}")
+def _problem_from_row(row: dict, source: str | Path, index: int) -> Problem:
+    where = row_name(source, index)
     missing = [k for k in ("str_query", "num_sol") if k not in row]
     if missing:
         raise ValueError(f"{where}: missing field(s) {', '.join(missing)}")
@@ -196,6 +171,13 @@ class ArithmeticTask(Task):
             raise ValueError("the tokenizer has no '.' token, which ends the rationale in this task")
         return ids
 
+    @classmethod
+    def method_settings(cls, method: str, settings: dict) -> dict:
+        """Zero-shot prompting appends the chain-of-thought cue (paper §4.4)."""
+        if method == "prompting" and int(settings.get("shots", 0)) == 0:
+            return {"cue": ZERO_SHOT_CUE}
+        return {}
+
     # ----------------------------------------------------------------- the engine's inputs
     def query(self, problem: Problem) -> Query:
         return Query(problem.question, target=problem.solution, meta={"answer": problem.answer})
@@ -236,7 +218,7 @@ class ArithmeticTask(Task):
             take_action(query, generated, is_action, token, tool)
         return TrajectoryRecord(query, encode_prompts(self.tokenizer, [query])[0], generated, is_action)
 
-    def seed_records(self) -> list[TrajectoryRecord]:
+    def seed_records(self, model) -> list[TrajectoryRecord]:
         return [self.rationale_record(p) for p in self.worked[: self.options.seed_rationales]]
 
     def sft_examples(self, n: int, generator: torch.Generator) -> list[TrajectoryRecord]:

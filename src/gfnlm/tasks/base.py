@@ -10,7 +10,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -45,11 +45,20 @@ class Task(ABC):
     def reward(self, model) -> Reward:
         """log R for every prefix; ``model`` is the policy (LM rewards switch its adapter off)."""
 
+    @classmethod
+    def method_settings(cls, method: str, settings: dict[str, Any]) -> dict[str, Any]:
+        """The task's defaults for a method ("gfn", "sft", "prompting", ...), below the user's ``settings``.
+
+        E.g. the paper's schedule for this task, or the option that makes its evaluation fit the method.
+        """
+        return {}
+
     def tool(self) -> ToolHook | None:
         return None
 
-    def seed_records(self) -> list[TrajectoryRecord]:
-        """Known-good trajectories to put in the replay buffer before training."""
+    def seed_records(self, model) -> list[TrajectoryRecord]:
+        """Known-good trajectories to put in the replay buffer before training. ``model`` is the
+        policy, for tasks that propose seeds by prompting its base model (adapter switched off)."""
         return []
 
     def sft_examples(self, n: int, generator: torch.Generator) -> list[TrajectoryRecord]:
