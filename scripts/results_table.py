@@ -16,6 +16,11 @@ in % on 3, 4 and 5 operands, mean ± std over seeds (shuffles for k-shot prompti
     python scripts/results_table.py --bench runs/bench/cpu.json runs/bench/gpu.json --readme README.md --section bench
 
 builds the benchmark table from ``gfnlm bench --output`` files.
+
+    python scripts/results_table.py --subjectivity runs/subj --readme README.md --section subjectivity
+
+builds the subjectivity table (paper Table 3, Table D.4) from ``scripts/subjectivity_runs.py``'s
+output: accuracy in % for 10, 20 and 50 training examples, mean ± std over seeds.
 """
 
 from __future__ import annotations
@@ -83,6 +88,49 @@ def arithmetic_table(root: Path) -> str:
     return "\n".join(lines)
 
 
+SUBJECTIVITY_ROWS = {  # run-name prefix -> row name, in the paper's order
+    "prompting": "few-shot prompting",
+    "sft-lr1e-3": "supervised fine-tuning, lr 1e-3",
+    "sft-lr1e-4": "supervised fine-tuning, lr 1e-4",
+    "gfn": "GFlowNet fine-tuning",
+    "em": "GFlowNet + M-step (EM)",
+    "gfn-noseed": "GFlowNet, (-) seed buffer",
+    "gfn-noseed-noagg": "GFlowNet, (-) seed buffer (-) aggregating",
+}
+
+
+def subjectivity_table(root: Path) -> str:
+    """Rows: methods; columns: accuracy per training size over seeds (zero-shot in every column)."""
+    groups: dict[str, dict[int, list[float]]] = {}
+    steps: dict[str, set[int]] = {}
+    reviews: set[int] = set()
+    sizes = sorted(int(p.name[1:]) for p in root.glob("n*") if p.name[1:].isdigit())
+    zero = root / "zero-shot" / "eval.json"
+    if zero.is_file():
+        r = json.loads(zero.read_text())
+        groups["zero-shot prompting"] = {n: [r["accuracy"]] for n in sizes}
+        reviews.add(r["n_reviews"])
+    for path in sorted(root.glob("n*/*-seed*/eval.json")):
+        prefix = path.parent.name.rsplit("-seed", 1)[0]
+        if prefix not in SUBJECTIVITY_ROWS:
+            continue
+        r = json.loads(path.read_text())
+        name = SUBJECTIVITY_ROWS[prefix]
+        groups.setdefault(name, {}).setdefault(int(path.parent.parent.name[1:]), []).append(r["accuracy"])
+        reviews.add(r["n_reviews"])
+        if "train_steps" in r:
+            steps.setdefault(name, set()).add(r["train_steps"])
+    header = ["method", *(f"{n} examples" for n in sizes), "n seeds", "steps", "reviews evaluated"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    order = ["zero-shot prompting", *SUBJECTIVITY_ROWS.values()]
+    for name in [n for n in order if n in groups]:
+        cells = [_mean_std(groups[name][n]) if n in groups[name] else "-" for n in sizes]
+        seeds = max(len(v) for v in groups[name].values())
+        lines.append("| " + " | ".join([name, *cells, str(seeds), ", ".join(map(str, sorted(steps.get(name, [])))) or "-",
+                                        "/".join(map(str, sorted(reviews)))]) + " |")
+    return "\n".join(lines)
+
+
 def bench_table(files: list[Path]) -> str:
     """One row per benchmark run (device): our step, the reference step, speed-up and memory."""
     header = ["device", "queries x samples", "max T (mean)", "our step (s)", "reference step (s)", "speed-up", "our peak MB", "reference peak MB",
@@ -116,11 +164,14 @@ def main() -> None:
     parser.add_argument("runs", nargs="*", type=Path, help="run directories holding eval.json")
     parser.add_argument("--arithmetic", type=Path, help="output folder of scripts/arithmetic_runs.py")
     parser.add_argument("--bench", nargs="*", type=Path, help="JSON files of gfnlm bench --output")
+    parser.add_argument("--subjectivity", type=Path, help="output folder of scripts/subjectivity_runs.py")
     parser.add_argument("--readme", type=Path)
     parser.add_argument("--section", default="random-number")
     args = parser.parse_args()
     if args.arithmetic:
         content = arithmetic_table(args.arithmetic)
+    elif args.subjectivity:
+        content = subjectivity_table(args.subjectivity)
     elif args.bench:
         content = bench_table(args.bench)
     else:

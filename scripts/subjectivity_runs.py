@@ -1,0 +1,89 @@
+"""The subjectivity comparison (paper Table 3, and Table D.4 with --ablation) on one model.
+
+For every training size (10, 20, 50 labelled reviews) and seed it trains, through the command
+line, GFlowNet fine-tuning (E-step), EM (an M-step on the GFlowNet policy's rationales), SFT at
+each learning rate of the sweep, and evaluates few-shot prompting with as many shuffled examples
+as the training size; zero-shot prompting is evaluated once. All are evaluated on the same
+validation split of ../shared/data/subj/train.jsonl (or --test-file). It writes
+    OUT/n{size}/{gfn,em,sft-lr{LR}}-seed{S}/eval.json     (run directories)
+    OUT/n{size}/prompting-seed{S}/eval.json, OUT/zero-shot/eval.json
+    OUT/n{size}/gfn-noseed-seed{S}/eval.json               --ablation: buffer not seeded
+    OUT/n{size}/gfn-noseed-noagg-seed{S}/eval.json         ... and one rationale per review
+Rerunning skips finished runs and resumes unfinished training. The README table comes from
+    python3 scripts/results_table.py --subjectivity OUT --readme README.md --section subjectivity
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from gfnlm.cli import main as gfnlm
+
+SFT = ["--steps", "50", "--warmup_steps", "10", "--queries_per_step", "8", "--samples_per_query", "1"]
+"""SFT and EM's M-step: 400 examples seen (the paper: 100 steps x 256), within CPU reach."""
+
+
+def run(argv: list[str], out: Path) -> None:
+    """One ``gfnlm train`` / ``gfnlm eval`` into ``out``, skipped when its eval.json exists."""
+    if (out / "eval.json").is_file():
+        return
+    resume = ["--resume"] if argv[0] == "train" and (out / "checkpoints").is_dir() else []
+    logging.info("gfnlm %s", " ".join([*argv, "--output-dir", str(out), *resume]))
+    if gfnlm([*argv, "--output-dir", str(out), *resume]) != 0:
+        raise SystemExit(f"failed: gfnlm {' '.join(argv)}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--model", default=None, help="default: the embedded model")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--sizes", nargs="*", type=int, default=[10, 20, 50])
+    parser.add_argument("--seeds", nargs="*", type=int, default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="*", default=["gfn", "em", "sft", "prompting"])
+    parser.add_argument("--gfn-steps", type=int, default=60)
+    parser.add_argument("--gfn-samples", type=int, default=8, help="rationales per review in a GFlowNet batch")
+    parser.add_argument("--sft-lrs", nargs="*", default=["1e-3", "1e-4"])
+    parser.add_argument("--validation-size", type=int, default=100)
+    parser.add_argument("--test-file", help="evaluate on this file instead of the validation split")
+    parser.add_argument("--ablation", action="store_true", help="Table D.4 at the first seed")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+
+    common = ["--task", "subjectivity", "--device", args.device, "--validation_size", str(args.validation_size),
+              "--progress", "false"]
+    common += ["--model", args.model] if args.model else []
+    common += ["--test_file", args.test_file] if args.test_file else []
+    # the paper's schedule (Table D.3) compressed to the step budget: reward temperature 1.2 -> 1.0
+    gfn = ["--steps", str(args.gfn_steps), "--warmup_steps", "10", "--queries_per_step", "4",
+           "--samples_per_query", str(args.gfn_samples), "--reward_temp_horizon", str(max(1, 2 * args.gfn_steps // 3)),
+           "--save_every", "10"]
+    if "prompting" in args.methods:
+        run(["eval", "--method", "prompting", "--label", "zero-shot prompting", *common], args.out / "zero-shot")
+    for size in args.sizes:
+        root, data = args.out / f"n{size}", [*common, "--train_size", str(size)]
+        for seed in args.seeds:
+            seeded = [*data, "--seed", str(seed)]
+            if "gfn" in args.methods or "em" in args.methods:
+                run(["train", "--method", "gfn", *seeded, *gfn], root / f"gfn-seed{seed}")
+            if "em" in args.methods:
+                run(["train", "--method", "em", "--e_step_run", str(root / f"gfn-seed{seed}"), "--lr", "1e-4",
+                     *seeded, *SFT], root / f"em-seed{seed}")
+            if "sft" in args.methods:
+                for lr in args.sft_lrs:
+                    run(["train", "--method", "sft", "--lr", lr, *seeded, *SFT], root / f"sft-lr{lr}-seed{seed}")
+            if "prompting" in args.methods:
+                run(["eval", "--method", "prompting", "--shots", str(size), "--shot_seed", str(seed), *data],
+                    root / f"prompting-seed{seed}")
+        if args.ablation:
+            seed = args.seeds[0]
+            noseed = root / f"gfn-noseed-seed{seed}"
+            run(["train", "--method", "gfn", "--seed_buffer", "false", *data, "--seed", str(seed), *gfn], noseed)
+            run(["eval", "--adapter", str(noseed), "--eval_samples", "1", "--label", "gfn, no seeds, no aggregation"],
+                root / f"gfn-noseed-noagg-seed{seed}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,242 @@
+"""The subjectivity task: loading and splits, label scoring, voting, inverse prompting, EM, the CLI."""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+
+import pytest
+import torch
+from conftest import make_char_tokenizer, make_tiny_lm
+from peft import LoraConfig, get_peft_model
+
+from gfnlm.cli import main
+from gfnlm.sampling import encode_prompts
+from gfnlm.tasks.subjectivity import (
+    E_STEP_ADAPTER,
+    Review,
+    SubjectivityOptions,
+    SubjectivityTask,
+    _vote,
+    load_reviews,
+    validation_split,
+)
+from gfnlm.trajectories import Query, Trajectories, TrajectoryRecord
+
+CHARS = string.ascii_letters + " :,.\"'\n"
+
+
+def _tokenizer():
+    return make_char_tokenizer(chars=CHARS)
+
+
+def _lm(seed: int = 0):
+    return make_tiny_lm(seed=seed, vocab_size=len(_tokenizer()))
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """A pool of 40 reviews; the 10-example training subset is its first 10."""
+    folder = tmp_path / "subj"
+    folder.mkdir()
+    rows = [{"text": f"review {'so ' * (i % 3)}{string.ascii_lowercase[i % 26]}{string.ascii_lowercase[i // 26]}",
+             "label": i % 2, "label_text": ("objective", "subjective")[i % 2]} for i in range(40)]
+    (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (folder / "train.10.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
+    return folder
+
+
+def _task(data_dir, **options) -> SubjectivityTask:
+    settings = dict(data_dir=str(data_dir), validation_size=8, eval_samples=3, max_len=3, inverse_prompt_samples=2,
+                    m_step_samples=2, eval_batch_reviews=3) | options
+    return SubjectivityTask(SubjectivityOptions(**settings), _tokenizer())
+
+
+def test_reviews_accept_numeric_and_word_labels(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('{"text": "a b", "label": 1}\n{"text": "c", "label": "objective"}\n{"text": "d", "label": "0"}\n')
+    assert load_reviews(path) == [Review("a b", 1), Review("c", 0), Review("d", 0)]
+
+
+@pytest.mark.parametrize("row, message", [
+    ({"label": 1}, "row 1: missing or empty 'text'"),
+    ({"text": "  ", "label": 1}, "row 1: missing or empty 'text'"),
+    ({"text": "x", "label": 2}, "row 1: label must be 0, 1"),
+    ({"text": "x", "label": "neutral"}, "row 1: label must be 0, 1"),
+    ({"text": "x", "label": True}, "row 1: label must be 0, 1"),
+    ({"text": "x"}, "row 1: label must be 0, 1"),
+])
+def test_bad_rows_are_named(tmp_path, row, message):
+    path = tmp_path / "test.jsonl"
+    path.write_text(json.dumps({"text": "fine", "label": 0}) + "\n" + json.dumps(row) + "\n")
+    with pytest.raises(ValueError, match=re.escape(message)) as err:
+        load_reviews(path)
+    assert str(path) in str(err.value)
+
+
+def test_empty_file_is_an_error(tmp_path):
+    path = tmp_path / "empty.jsonl"
+    path.write_text("\n")
+    with pytest.raises(ValueError, match="no rows"):
+        load_reviews(path)
+
+
+def test_validation_split_is_reproducible_and_excludes_training(data_dir):
+    pool = load_reviews(data_dir / "train.jsonl")
+    train = {r.text for r in pool[:10]}
+    split = validation_split(pool, 20, seed=3, exclude=train)
+    assert split == validation_split(pool, 20, seed=3, exclude=train)
+    assert split != validation_split(pool, 20, seed=4, exclude=train)
+    assert not {r.text for r in split} & train and len({r.text for r in split}) == 20
+    with pytest.raises(ValueError, match="only 30 reviews"):
+        validation_split(pool, 31, seed=0, exclude=train)
+    task = _task(data_dir)
+    assert not {r.text for r in task.test_reviews()[1]} & train
+
+
+def _full_log_prob(model, tokenizer, text: str, continuation: str) -> float:
+    """log p(continuation | text) by one plain forward pass."""
+    ids = tokenizer(text, add_special_tokens=True)["input_ids"]
+    cont = tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    with torch.no_grad():
+        logits = model(torch.tensor([ids + cont])).logits[0].log_softmax(-1)
+    return float(sum(logits[len(ids) - 1 + i, t] for i, t in enumerate(cont)))
+
+
+@pytest.mark.parametrize("shots", [0, 2])
+def test_direct_label_scores_are_the_lm_likelihoods(data_dir, shots):
+    task, model, tok = _task(data_dir, rationales=False, shots=shots), _lm(), _tokenizer()
+    review = task.train[3]
+    query = Query(review.prompt())
+    traj = Trajectories.from_records([TrajectoryRecord(query, encode_prompts(tok, [query])[0], [], [])], 0)
+    scores = task.label_log_probs(model, traj, task.few_shot_context(model))[0]
+    context = task.few_shot_context(model).text if shots else ""
+    if shots:  # the demonstrations come first, then the prompt (its <s> included, as in the cached layout)
+        assert context.count("This review is") == shots
+    for j, label in enumerate(("objective", "subjective")):
+        if shots:
+            ids = tok(context)["input_ids"] + tok(review.prompt())["input_ids"]
+            cont = tok(f" {label}.", add_special_tokens=False)["input_ids"]
+            with torch.no_grad():
+                lp = model(torch.tensor([ids + cont])).logits[0].log_softmax(-1)
+            expected = float(sum(lp[len(ids) - 1 + i, t] for i, t in enumerate(cont)))
+        else:
+            expected = _full_log_prob(model, tok, review.prompt(), f" {label}.")
+        assert scores[j].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_rationale_label_scores_are_the_lm_likelihoods_in_a_padded_batch(data_dir):
+    """Rows of different prompt and rationale lengths (left- and right-padding), two of them sharing a
+    prompt (whose cache is shared), score as if alone."""
+    task, model, tok = _task(data_dir), _lm(), _tokenizer()
+    rows = [(task.train[0], "abc"), (task.train[1], "a"), (task.train[2], "xyzzy"), (task.train[0], "q")]
+    records = []
+    for review, z in rows:
+        query = Query(review.prompt())
+        ids = tok(z, add_special_tokens=False)["input_ids"]
+        records.append(TrajectoryRecord(query, encode_prompts(tok, [query])[0], ids, [True] * len(ids)))
+    assert len({len(r.prompt_ids) for r in records}) > 1
+    scores = task.label_log_probs(model, Trajectories.from_records(records, 0))
+    for b, (review, z) in enumerate(rows):
+        for j, label in enumerate(("objective", "subjective")):
+            expected = _full_log_prob(model, tok, review.prompt() + z, f", so it is {label}.")
+            assert scores[b, j].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_vote_is_the_majority_and_ties_go_to_the_log_odds():
+    review = Review("x", 1)
+    assert _vote(review, ["a", "b", "c"], [1.0, -0.5, 2.0])["prediction"] == 1
+    assert _vote(review, ["a", "b", "c"], [-1.0, -0.5, 9.0])["prediction"] == 0  # 2 of 3 say objective
+    assert _vote(review, ["a", "b"], [-1.0, 3.0])["prediction"] == 1  # tie: summed log-odds +2
+    assert _vote(review, ["a", "b"], [-3.0, 1.0])["prediction"] == 0
+
+
+def test_evaluate_writes_predictions_and_top_rationales(data_dir, tmp_path):
+    task, model = _task(data_dir), _lm()
+    result = task.evaluate(model, tmp_path, "tiny")
+    rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
+    assert result["n_reviews"] == len(rows) == 8
+    assert result["accuracy"] == sum(r["correct"] for r in rows) / 8
+    for row in rows:
+        assert len(row["rationales"]) == 3 and row["votes"] == [int(v > 0) for v in row["log_odds"]]
+        assert row["prediction"] == int(sum(row["votes"]) >= 2)
+    top = result["top_rationales"]
+    assert set(top) <= {"objective", "subjective"} and top
+    for entries in top.values():
+        assert entries and all(0 < e["frequency"] <= 1 for e in entries)
+        assert [e["frequency"] for e in entries] == sorted((e["frequency"] for e in entries), reverse=True)
+    # rationales are words only: letters, no stop comma inside
+    assert all(re.fullmatch(r"[A-Za-z ]*", z) for r in rows for z in r["rationales"])
+
+
+def test_inverse_prompting_seeds_records_for_the_policy_prompt(data_dir):
+    task, model, tok = _task(data_dir), _lm(), _tokenizer()
+    records = task.seed_records(model)
+    assert len(records) == 10 * 2
+    allowed = set(task.allowed_ids)
+    for i, record in enumerate(records):
+        review = task.train[i // 2]
+        assert record.query == task.query(review) and record.query.target.endswith(f"{review.label_text}.")
+        assert record.prompt_ids == encode_prompts(tok, [record.query])[0]
+        assert 1 <= len(record.generated_ids) <= 3 and set(record.generated_ids) <= allowed
+    assert _task(data_dir, seed_buffer=False).seed_records(model) == []
+
+
+def test_m_step_trains_on_policy_rationales_then_evaluates_with_both_adapters(data_dir, tmp_path):
+    tok = _tokenizer()
+    policy = get_peft_model(_lm(), LoraConfig(r=2, target_modules="all-linear"))
+    with torch.no_grad():  # a policy that differs from the base model
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    policy.save_pretrained(tmp_path / "e-step")
+    task = _task(data_dir, e_step_run=str(tmp_path / "e-step"))
+    base = _lm()
+    space = task.prepare_m_step(base)
+    assert not any("lora" in name for name, _ in base.named_parameters())  # the E-step adapter was unloaded
+    records = task.sft_examples(40, torch.Generator().manual_seed(0))
+    for record in records:
+        answer = tok(record.query.target.removesuffix("."), add_special_tokens=False)["input_ids"]
+        assert record.generated_ids[-len(answer):] == answer and len(record.generated_ids) <= space.max_len
+    # evaluation: rationales from the E-step adapter, answers from the M-step adapter ("default")
+    em = get_peft_model(base, LoraConfig(r=2, target_modules="all-linear"))
+    result = task.evaluate(em, None, "em")
+    assert E_STEP_ADAPTER in em.peft_config and em.active_adapter == "default"
+    assert result["n_reviews"] == 8
+
+
+def test_cli_trains_gfn_then_em_and_evaluates_baselines(data_dir, tmp_path):
+    folder = tmp_path / "tiny"
+    _lm().save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    common = ["--model", str(folder), "--task", "subjectivity", "--data_dir", str(data_dir), "--validation_size", "6",
+              "--eval_samples", "2", "--max_len", "3", "--inverse_prompt_samples", "2", "--steps", "2",
+              "--queries_per_step", "2", "--samples_per_query", "2", "--lora_rank", "2", "--progress", "false",
+              "--device", "cpu"]
+    gfn = tmp_path / "gfn"
+    assert main(["train", "--method", "gfn", "--output-dir", str(gfn), *common]) == 0
+    saved = (gfn / "config.yaml").read_text()
+    assert "reward_temp_start: 1.2" in saved  # the paper's schedule is the task's default for gfn
+    assert json.loads((gfn / "eval.json").read_text())["rationales"] is True
+    em = tmp_path / "em"
+    assert main(["train", "--method", "em", "--e_step_run", str(gfn), "--output-dir", str(em), *common]) == 0
+    assert json.loads((em / "eval.json").read_text())["n_reviews"] == 6
+    sft = tmp_path / "sft"
+    assert main(["train", "--method", "sft", "--output-dir", str(sft), *common]) == 0
+    assert json.loads((sft / "eval.json").read_text())["rationales"] is False
+    shots = tmp_path / "shots"
+    assert main(["eval", "--method", "prompting", "--shots", "3", "--output-dir", str(shots), *common]) == 0
+    result = json.loads((shots / "eval.json").read_text())
+    assert result["shots"] == 3 and result["label"] == "3-shot prompting" and result["rationales"] is False
+
+
+def test_cli_reports_a_bad_test_file(data_dir, tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "ok", "label": 0}\n{"text": "hm", "label": 7}\n')
+    folder = tmp_path / "tiny"
+    _lm().save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    code = main(["eval", "--task", "subjectivity", "--model", str(folder), "--data_dir", str(data_dir),
+                 "--test_file", str(bad), "--output-dir", str(tmp_path / "out"), "--device", "cpu"])
+    assert code == 2 and f"{bad}, row 1: label must be 0, 1" in capsys.readouterr().err
