@@ -225,6 +225,9 @@ def test_cli_trains_gfn_then_em_and_evaluates_baselines(data_dir, tmp_path):
     sft = tmp_path / "sft"
     assert main(["train", "--method", "sft", "--output-dir", str(sft), *common]) == 0
     assert json.loads((sft / "eval.json").read_text())["rationales"] is False
+    for run in (em, sft):  # the targets fit the action space: every likelihood finite, no step skipped
+        steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert len(steps) == 2 and not any(s["skipped"] for s in steps), run
     shots = tmp_path / "shots"
     assert main(["eval", "--method", "prompting", "--shots", "3", "--output-dir", str(shots), *common]) == 0
     result = json.loads((shots / "eval.json").read_text())

@@ -177,13 +177,20 @@ class SubjectivityTask(Task):
         """The rationale policy: word tokens, stop at ",". Direct: the answer word, stop at "."."""
         if self.options.rationales:
             return ActionSpace(self.comma_ids, self.options.max_len, self.options.min_len, self.allowed_ids)
-        return ActionSpace(self.period_ids, max_len=4, min_len=1)
+        return ActionSpace(self.period_ids, max_len=self._longest_answer(" {}") + 1, min_len=1)
 
     def lm_space(self) -> ActionSpace:
-        """The whole LM over "Z, so it is Y" (EM's M-step): any token, ending at "." (never forced, so
-        that log p(".") is learned too)."""
-        answers = [self.tokenizer(f", so it is {label}", add_special_tokens=False)["input_ids"] for label in LABELS]
-        return ActionSpace(self.period_ids, max_len=self.options.max_len + max(map(len, answers)) + 1, min_len=1)
+        """The whole LM over "Z, so it is Y" (EM's M-step): any token, ending at "."."""
+        return ActionSpace(self.period_ids, max_len=self.options.max_len + self._longest_answer(", so it is {}") + 1,
+                           min_len=1)
+
+    def answer_ids(self, template: str) -> list[list[int]]:
+        """The token ids of ``template`` filled with each label, e.g. ", so it is {}."."""
+        return [self.tokenizer(template.format(label), add_special_tokens=False)["input_ids"] for label in LABELS]
+
+    def _longest_answer(self, template: str) -> int:
+        """Tokens of the longest label answer without its ".": the stop is never forced before "."."""
+        return max(map(len, self.answer_ids(template)))
 
     def reward(self, model) -> LMSuffixReward:
         return LMSuffixReward(model, self.tokenizer)
@@ -297,8 +304,7 @@ class SubjectivityTask(Task):
 
     def label_log_probs(self, model, traj: Trajectories, context: SharedContext | None = None) -> Tensor:
         """log p_LM(Y_label | X Z) for both labels after each trajectory, under the answering LM: [N, 2]."""
-        template = ", so it is {}." if self.options.rationales else " {}."
-        answers = [self.tokenizer(template.format(label), add_special_tokens=False)["input_ids"] for label in LABELS]
+        answers = self.answer_ids(", so it is {}." if self.options.rationales else " {}.")
         with self.answering_model(model), eval_mode(model):
             return lm_continuation_log_likelihoods(model, traj, answers, context).cpu()
 
