@@ -97,7 +97,7 @@ def test_rationale_record_replays_the_calculator(task):
     assert tok.decode(record.generated_ids) == " 9 + 4 = 13, 13 - 8 = 5"
     inserted = "".join(tok.decode([t]) for t, a in zip(record.generated_ids, record.is_action) if not a)
     assert inserted == " 13 5"
-    assert len(task.seed_records(None)) == 2
+    assert len(task.seed_records(None, torch.Generator())) == 2
     space = task.action_space()
     assert all(t in space.allowed_token_ids for t, a in zip(record.generated_ids, record.is_action) if a)
     assert tok.decode(list(space.stop_token_ids)) == "."
@@ -111,7 +111,7 @@ def test_train_queries_are_worked_plus_plain_without_duplicates(task):
 
 def test_reward_is_conditioned_on_the_demonstrations(task):
     model = make_tiny_lm(seed=2, vocab_size=len(task.tokenizer))
-    traj = Trajectories.from_records(task.seed_records(None), task.tokenizer.pad_token_id)
+    traj = Trajectories.from_records(task.seed_records(None, torch.Generator()), task.tokenizer.pad_token_id)
     with_demos = task.reward(model)(traj)
     without = LMSuffixReward(model, task.tokenizer)(traj)
     assert with_demos.shape == without.shape == (2, traj.horizon + 1)

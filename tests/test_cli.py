@@ -89,6 +89,34 @@ def test_yaml_and_overrides(tmp_path):
     assert config.progress is False and config.lora_target_modules == "all-linear"
 
 
+@pytest.mark.parametrize("task", ["random-number", "arithmetic", "subjectivity"])
+def test_every_key_has_one_owner_and_seed_reaches_training(task):
+    """A key declared twice would silently set only one config (a task's own `seed` once shadowed training's)."""
+    from gfnlm.cli import resolve_settings
+
+    args = build_parser().parse_args(["train", "--output-dir", "x", "--task", task])
+    run = resolve_settings(args, ["--seed", "7"])
+    assert run.train.seed == 7
+
+
+def test_a_key_declared_twice_is_an_error():
+    from dataclasses import dataclass
+
+    @dataclass
+    class Clash:
+        seed: int = 0
+
+    with pytest.raises(ConfigError, match="both declare 'seed'"):
+        apply_settings([TrainConfig(), Clash()], {})
+
+
+def test_prompting_is_a_method_of_eval_only(tmp_path, capsys):
+    config = tmp_path / "c.yaml"
+    config.write_text("method: prompting\n")
+    assert main(["train", "--output-dir", str(tmp_path / "r"), "--config", str(config)]) == 2
+    assert "unknown method 'prompting'; methods: gfn, ppo, sft, em" in capsys.readouterr().err
+
+
 def test_help_documents_every_setting(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])

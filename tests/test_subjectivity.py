@@ -12,9 +12,9 @@ from conftest import make_char_tokenizer, make_tiny_lm
 from peft import LoraConfig, get_peft_model
 
 from gfnlm.cli import main
-from gfnlm.sampling import encode_prompts
+from gfnlm.sampling import encode_prompts, sample
 from gfnlm.tasks.subjectivity import (
-    E_STEP_ADAPTER,
+    INVERSE_PROMPT,
     Review,
     SubjectivityOptions,
     SubjectivityTask,
@@ -172,38 +172,70 @@ def test_evaluate_writes_predictions_and_top_rationales(data_dir, tmp_path):
 
 def test_inverse_prompting_seeds_records_for_the_policy_prompt(data_dir):
     task, model, tok = _task(data_dir), _lm(), _tokenizer()
-    records = task.seed_records(model)
+    records = task.seed_records(model, torch.Generator().manual_seed(5))
     assert len(records) == 10 * 2
+    # the rationales are the base model's continuations of the inverse prompt (same draws) ...
+    inverse = [Query(INVERSE_PROMPT.format(text=r.text, label=r.label_text)) for r in task.train for _ in range(2)]
+    expected = sample(model, tok, inverse, task.action_space(), 1.0, torch.Generator().manual_seed(5)).records()
+    assert [r.generated_ids for r in records] == [e.generated_ids for e in expected]
+    # ... put behind the policy's own prompt, with the review's label as the target Y
     allowed = set(task.allowed_ids)
     for i, record in enumerate(records):
         review = task.train[i // 2]
         assert record.query == task.query(review) and record.query.target.endswith(f"{review.label_text}.")
         assert record.prompt_ids == encode_prompts(tok, [record.query])[0]
         assert 1 <= len(record.generated_ids) <= 3 and set(record.generated_ids) <= allowed
-    assert _task(data_dir, seed_buffer=False).seed_records(model) == []
+    assert _task(data_dir, seed_buffer=False).seed_records(model, torch.Generator()) == []
 
 
-def test_m_step_trains_on_policy_rationales_then_evaluates_with_both_adapters(data_dir, tmp_path):
-    tok = _tokenizer()
-    policy = get_peft_model(_lm(), LoraConfig(r=2, target_modules="all-linear"))
-    with torch.no_grad():  # a policy that differs from the base model
-        for name, p in policy.named_parameters():
+def _lora(model, seed: int):
+    """``model`` with a LoRA adapter that changes its outputs (random B, not the zero init)."""
+    peft_model = get_peft_model(model, LoraConfig(r=2, target_modules="all-linear"))
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
             if "lora_B" in name:
-                p.normal_(0, 0.5)
-    policy.save_pretrained(tmp_path / "e-step")
+                p.copy_(torch.randn(p.shape, generator=generator) * 0.5)
+    return peft_model
+
+
+def _logits(model, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(torch.tensor([ids])).logits[0, -1]
+
+
+def test_m_step_samples_the_e_step_policy_and_em_evaluation_uses_both_adapters(data_dir, tmp_path):
+    tok = _tokenizer()
+    e_step = _lora(_lm(), seed=1)
+    e_step.save_pretrained(tmp_path / "e-step")
     task = _task(data_dir, e_step_run=str(tmp_path / "e-step"))
-    base = _lm()
-    space = task.prepare_m_step(base)
-    assert not any("lora" in name for name, _ in base.named_parameters())  # the E-step adapter was unloaded
-    records = task.sft_examples(40, torch.Generator().manual_seed(0))
-    for record in records:
+    ids = tok(task.train[0].prompt())["input_ids"]
+
+    em = get_peft_model(_lm(), LoraConfig(r=2, target_modules="all-linear"))  # the M-step's fresh adapter
+    trainable = {n for n, p in em.named_parameters() if p.requires_grad}
+    task.prepare_m_step(em, torch.Generator().manual_seed(3))
+    assert set(em.peft_config) == {"default"} and {n for n, p in em.named_parameters() if p.requires_grad} == trainable
+    # the rationales are the E-step policy's samples (same draws), followed by ", so it is <label>"
+    queries = [task.query(r) for r in task.train for _ in range(2)]
+    expected = sample(e_step, tok, queries, task.action_space(), 1.0, torch.Generator().manual_seed(3)).records()
+    records = task._m_step_records
+    space = task.lm_space()
+    for record, policy_record in zip(records, expected, strict=True):
         answer = tok(record.query.target.removesuffix("."), add_special_tokens=False)["input_ids"]
-        assert record.generated_ids[-len(answer):] == answer and len(record.generated_ids) <= space.max_len
-    # evaluation: rationales from the E-step adapter, answers from the M-step adapter ("default")
-    em = get_peft_model(base, LoraConfig(r=2, target_modules="all-linear"))
-    result = task.evaluate(em, None, "em")
-    assert E_STEP_ADAPTER in em.peft_config and em.active_adapter == "default"
-    assert result["n_reviews"] == 8
+        assert record.generated_ids == policy_record.generated_ids + answer
+        assert len(record.generated_ids) < space.max_len  # the "." after them is never forced
+
+    # evaluation of the EM model: q is the E-step adapter, the answering LM the M-step adapter
+    m_step = _lora(_lm(), seed=2)
+    with task.rationale_policy(m_step):
+        torch.testing.assert_close(_logits(m_step, ids), _logits(e_step, ids))
+    with task.answering_model(m_step):
+        answers = _logits(m_step, ids)
+    assert m_step.active_adapter == "default"
+    with m_step.disable_adapter():
+        assert not torch.allclose(answers, _logits(m_step, ids))  # not the base model
+    torch.testing.assert_close(answers, _logits(_lora(_lm(), seed=2), ids))
+    assert task.evaluate(m_step, None, "em")["n_reviews"] == 8
 
 
 def test_cli_trains_gfn_then_em_and_evaluates_baselines(data_dir, tmp_path):

@@ -19,7 +19,15 @@ from typing import Any
 
 import yaml
 
-from gfnlm.config import ConfigError, TrainConfig, apply_settings, field_help, load_yaml, parse_overrides, to_dict
+from gfnlm.config import (
+    ConfigError,
+    TrainConfig,
+    apply_settings,
+    field_help,
+    load_yaml,
+    parse_overrides,
+    to_dict,
+)
 
 logger = logging.getLogger("gfnlm")
 METHODS = ("gfn", "ppo", "sft", "em")
@@ -42,8 +50,10 @@ class RunSettings:
                 **to_dict(self.train, self.options, self.ppo)}
 
 
-def resolve_settings(args: argparse.Namespace, overrides: list[str], saved: dict | None = None) -> RunSettings:
-    """Defaults < a saved run's config.yaml < --config file < --key value overrides."""
+def resolve_settings(args: argparse.Namespace, overrides: list[str], saved: dict | None = None,
+                     methods: tuple[str, ...] = METHODS) -> RunSettings:
+    """Defaults < the task's defaults for the method < a saved run's config.yaml < --config file <
+    --key value overrides."""
     from gfnlm.baselines.ppo import PPOConfig
     from gfnlm.models import DEFAULT_MODEL
     from gfnlm.tasks import get_task
@@ -59,8 +69,8 @@ def resolve_settings(args: argparse.Namespace, overrides: list[str], saved: dict
     model = str(settings.pop("model", DEFAULT_MODEL))
     task = str(settings.pop("task", "random-number"))
     method = str(settings.pop("method", "gfn"))
-    if method not in (*METHODS, "prompting"):
-        raise ConfigError(f"unknown method {method!r}; methods: {', '.join(METHODS)}")
+    if method not in methods:
+        raise ConfigError(f"unknown method {method!r}; methods: {', '.join(methods)}")
     task_cls = get_task(task)
     train, options, ppo = TrainConfig(), task_cls.Options(), PPOConfig()
     apply_settings([train, options, ppo], task_cls.method_settings(method, settings) | settings)
@@ -71,6 +81,8 @@ def resolve_settings(args: argparse.Namespace, overrides: list[str], saved: dict
 
 def build_trainer(run: RunSettings, model, tokenizer, task, output_dir: Path | None):
     """The trainer of ``run.method`` for ``task``; the buffer is seeded for GFlowNet runs."""
+    import torch
+
     from gfnlm.baselines.ppo import PPOTrainer
     from gfnlm.baselines.sft import SFTTrainer
     from gfnlm.trainer import GFlowNetTrainer
@@ -78,16 +90,21 @@ def build_trainer(run: RunSettings, model, tokenizer, task, output_dir: Path | N
     space, queries = task.action_space(), task.train_queries()
     if run.method == "gfn":
         trainer = GFlowNetTrainer(model, tokenizer, task.reward(model), queries, space, run.train, task.tool(), output_dir)
-        seeds = task.seed_records(trainer.model)
-        if seeds:
-            trainer.seed_buffer(seeds)
+        if trainer.latest_checkpoint() is None:  # a resumed run gets its buffer back from the checkpoint
+            seeds = task.seed_records(trainer.model, torch.Generator().manual_seed(run.train.seed))
+            if seeds:
+                trainer.seed_buffer(seeds)
         return trainer
     if run.method == "ppo":
         return PPOTrainer(model, tokenizer, task.reward(model), queries, space, run.train, run.ppo, task.tool(), output_dir)
     if run.method == "em":  # M-step: the LM learns log p(Z Y | X) on rationales of the E-step's policy
-        if not hasattr(task, "prepare_m_step"):
-            raise ConfigError(f"task {run.task!r} has no EM step")
-        space = task.prepare_m_step(model)
+        if not (hasattr(task, "prepare_m_step") and getattr(run.options, "e_step_run", None)):
+            raise ConfigError(f"--method em needs a task with an EM step and --e_step_run GFN_RUN (task {run.task!r})")
+        if run.train.lora_rank == 0:
+            raise ConfigError("--method em trains a second LoRA adapter beside the E-step's: lora_rank must be > 0")
+        trainer = SFTTrainer(model, tokenizer, task.sft_examples, task.lm_space(), run.train, output_dir)
+        task.prepare_m_step(trainer.model, torch.Generator().manual_seed(run.train.seed))
+        return trainer
     return SFTTrainer(model, tokenizer, task.sft_examples, space, run.train, output_dir)
 
 
@@ -154,7 +171,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     prompting = args.method == "prompting"
     if prompting and args.adapter:
         raise ConfigError("--method prompting evaluates the base model; drop --adapter")
-    run = resolve_settings(args, overrides, saved)
+    run = resolve_settings(args, overrides, saved, methods=(*METHODS, "prompting"))
     output_dir = Path(args.output_dir or args.adapter or "eval")
     output_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_for_eval(run.model, args.adapter, run.train.device)
@@ -175,7 +192,11 @@ def _eval_label(run: RunSettings, adapter: str | None, prompting: bool) -> str:
 
 def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
     """Generate new arithmetic questions in the release format, disjoint from given files."""
-    from gfnlm.tasks.arithmetic import ArithmeticOptions, generate_problems, load_problems
+    from gfnlm.tasks.arithmetic import (
+        ArithmeticOptions,
+        generate_problems,
+        load_problems,
+    )
 
     if overrides:
         raise ConfigError(f"unexpected arguments: {' '.join(overrides)}")

@@ -168,6 +168,8 @@ def apply_settings(configs: list[Any], settings: dict[str, Any]) -> None:
     for config in configs:
         hints = typing.get_type_hints(type(config))
         for f in dataclasses.fields(config):
+            if f.name in owners:  # one key would silently set only one of them
+                raise ConfigError(f"{type(owners[f.name][0]).__name__} and {type(config).__name__} both declare {f.name!r}")
             owners[f.name] = (config, hints[f.name])
     for key, value in settings.items():
         name = key.replace("-", "_")

@@ -26,12 +26,10 @@ import torch
 from torch import Tensor
 
 from gfnlm.sampling import eval_mode
-from gfnlm.scoring import head_log_probs, split_model
+from gfnlm.scoring import head_log_probs, shared_prompt_hidden, split_model
 from gfnlm.trajectories import Query, Trajectories
 
 if TYPE_CHECKING:
-    from transformers import DynamicCache
-
     from gfnlm.context import SharedContext
 
 
@@ -116,34 +114,6 @@ def _packed_suffix_inputs(traj: Trajectories, suffix_ids: Sequence[Sequence[int]
     return input_ids, position_ids, mask, suffix, suffix_real
 
 
-def _shared_prompt_hidden(model, traj: Trajectories, input_ids: Tensor, position_ids: Tensor, mask: Tensor,
-                          context: SharedContext | None) -> tuple[Tensor, DynamicCache]:
-    """Final hidden states of columns P-1 .. of the packed inputs [B, total], P = traj.prompt_len,
-    and the KV cache of all columns (for continuing the rows).
-
-    Each distinct prompt runs once and its KV cache is gathered to the rows that share it (all the
-    samples of one query), then the rest of every row runs over that cache. ``mask`` is [B, C + total]
-    or [B, 1, total, C + total] (C context columns in front); ``position_ids`` already count the context.
-    """
-    p = traj.prompt_len
-    first_rows, row_slot = traj.distinct_prompts()
-    cache = None if context is None else context.cache(len(first_rows), input_ids.device)
-    columns = mask.shape[-1] - input_ids.shape[1] + p  # context and prompt columns
-    prompt_mask = mask[first_rows, :columns] if mask.ndim == 2 else mask[first_rows, :, :p, :columns]
-    body, _, _ = split_model(model)
-    out = body(input_ids=input_ids[first_rows, :p], attention_mask=prompt_mask,
-               position_ids=position_ids[first_rows, :p], cache=cache, use_cache=True)
-    hidden = out.last_hidden_state[row_slot, -1:]  # [B, 1, H]: column P-1
-    cache = out.cache
-    cache.reorder_cache(row_slot)
-    if input_ids.shape[1] > p:
-        rest_mask = mask if mask.ndim == 2 else mask[:, :, p:, :]
-        rest = body(input_ids=input_ids[:, p:], attention_mask=rest_mask, position_ids=position_ids[:, p:],
-                    cache=cache, use_cache=True).last_hidden_state  # [B, total - P, H]
-        hidden = torch.cat([hidden, rest], dim=1)
-    return hidden, cache
-
-
 @torch.no_grad()
 def lm_prefix_log_likelihoods(
     model,
@@ -174,7 +144,7 @@ def lm_prefix_log_likelihoods(
             mask = torch.cat([mask.new_zeros((*mask.shape[:3], len(context))), mask], dim=3)
         else:
             mask = context.mask(mask)
-    hidden, _ = _shared_prompt_hidden(model, traj, input_ids, position_ids, mask, context)  # [B, total - start, H]
+    hidden, _ = shared_prompt_hidden(model, traj, input_ids, position_ids, mask, context)  # [B, total - start, H]
     # log-prob of the next token of the packed sequence at every column (trajectory, then suffix copies)
     next_ids = torch.cat([input_ids[:, start + 1 :], input_ids[:, -1:]], dim=1)  # [B, total - start]
     next_lp = head_log_probs(model, hidden, next_ids[..., None]).squeeze(-1)  # [B, total - start]
@@ -225,7 +195,7 @@ def lm_continuation_log_likelihoods(
     mask, positions = traj.attention_mask, traj.position_ids
     if context is not None:
         mask, positions = context.mask(mask), positions + len(context)
-    hidden, cache = _shared_prompt_hidden(model, traj, traj.input_ids, positions, mask, context)  # [B, 1 + G, H]
+    hidden, cache = shared_prompt_hidden(model, traj, traj.input_ids, positions, mask, context)  # [B, 1 + G, H]
     body, _, _ = split_model(model)
     final_col = traj.state_columns().gather(1, traj.lengths[:, None].to(device))  # [B, 1]
     final_hidden = hidden.gather(1, (final_col - (p - 1))[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, 1, H]

@@ -1,17 +1,24 @@
 """Teacher-forced log-probabilities of trajectories, gradients kept.
 
 This is the only place the policy's log-probabilities carry gradients. Each distinct prompt is
-run once (its last column's logits only) and its KV cache shared by its samples; logits of the
-generated region follow in one pass; the policy's log-softmax is taken only at the T+1 states of
-each trajectory, not at tool-inserted tokens or padding.
+run once and its KV cache shared by its samples (``shared_prompt_hidden``, which the LM rewards
+use too); the generated region follows in one pass; the output head and the policy's
+log-softmax run only at the T+1 states of each trajectory, not at tool-inserted tokens or padding.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from gfnlm.trajectories import ActionSpace, Trajectories
+
+if TYPE_CHECKING:
+    from transformers import DynamicCache
+
+    from gfnlm.context import SharedContext
 
 
 def split_model(model) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
@@ -44,45 +51,50 @@ def head_log_probs(model, hidden: Tensor, token_ids: Tensor, rows_per_chunk: int
     return torch.cat(out).reshape(token_ids.shape)
 
 
+def shared_prompt_hidden(model, traj: Trajectories, input_ids: Tensor, position_ids: Tensor, mask: Tensor,
+                         context: SharedContext | None = None) -> tuple[Tensor, DynamicCache]:
+    """Final hidden states of columns P-1 .. of the packed inputs [B, total], P = traj.prompt_len,
+    and the KV cache of all columns (for continuing the rows).
+
+    Each distinct prompt runs once and its KV cache is gathered to the rows that share it (all the
+    samples of one query), then the rest of every row runs over that cache. ``mask`` is [B, C + total]
+    or [B, 1, total, C + total] (C context columns in front); ``position_ids`` already count the context.
+    """
+    p = traj.prompt_len
+    first_rows, row_slot = traj.distinct_prompts()
+    cache = None if context is None else context.cache(len(first_rows), input_ids.device)
+    columns = mask.shape[-1] - input_ids.shape[1] + p  # context and prompt columns
+    prompt_mask = mask[first_rows, :columns] if mask.ndim == 2 else mask[first_rows, :, :p, :columns]
+    body, _, _ = split_model(model)
+    out = body(input_ids=input_ids[first_rows, :p], attention_mask=prompt_mask,
+               position_ids=position_ids[first_rows, :p], cache=cache, use_cache=True)
+    hidden = out.last_hidden_state[row_slot, -1:]  # [B, 1, H]: column P-1
+    cache = out.cache
+    cache.reorder_cache(row_slot)
+    if input_ids.shape[1] > p:
+        rest_mask = mask if mask.ndim == 2 else mask[:, :, p:, :]
+        rest = body(input_ids=input_ids[:, p:], attention_mask=rest_mask, position_ids=position_ids[:, p:],
+                    cache=cache, use_cache=True).last_hidden_state  # [B, total - P, H]
+        hidden = torch.cat([hidden, rest], dim=1)
+    return hidden, cache
+
+
 def state_logits(model, traj: Trajectories, with_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
     """Next-token logits at the last token of every state s_0 .. s_T: [B, T+1, V].
 
-    Two passes that share work between samples of the same query: the distinct prompts once
-    ([U, P], gradients kept), their KV cache gathered to the B rows, then the generated region
-    ([B, G]) on top of it. Identical to one pass over [B, P+G], at U*P + B*G tokens instead of
-    B*(P+G). With ``with_hidden`` also the last layer's hidden states there, [B, T+1, H].
+    The distinct prompts run once ([U, P], gradients kept), their KV cache gathered to the B rows,
+    then the generated region ([B, G]) on top of it: U*P + B*G tokens instead of B*(P+G). The
+    output head runs only at the T+1 states (tool insertions need none). With ``with_hidden``
+    also the last layer's hidden states there, [B, T+1, H].
     """
-    p = traj.prompt_len
-    representative, inverse = traj.distinct_prompts()
-    prompt = model(
-        input_ids=traj.input_ids[representative, :p],
-        attention_mask=traj.attention_mask[representative, :p],
-        position_ids=traj.position_ids[representative, :p],
-        use_cache=True,
-        logits_to_keep=1,
-        output_hidden_states=with_hidden,
-    )
-    logits = prompt.logits[inverse]  # [B, 1, V]: state s_0 ends in column P-1
-    hidden = prompt.hidden_states[-1][inverse, -1:] if with_hidden else None  # [B, 1, H]
-    if traj.input_ids.shape[1] > p:
-        cache = prompt.cache
-        cache.reorder_cache(inverse)
-        generated = model(
-            input_ids=traj.input_ids[:, p:],
-            attention_mask=traj.attention_mask,
-            position_ids=traj.position_ids[:, p:],
-            cache=cache,
-            use_cache=True,
-            output_hidden_states=with_hidden,
-        )
-        logits = torch.cat([logits, generated.logits], dim=1)  # [B, G+1, V]: columns P-1 .. L-1
-        if with_hidden:
-            hidden = torch.cat([hidden, generated.hidden_states[-1]], dim=1)
-    kept_cols = traj.state_columns() - (p - 1)  # [B, T+1] into columns P-1 .. L-1
-    state = logits.gather(1, kept_cols[..., None].expand(-1, -1, logits.shape[-1]))
-    if not with_hidden:
-        return state
-    return state, hidden.gather(1, kept_cols[..., None].expand(-1, -1, hidden.shape[-1]))
+    hidden, _ = shared_prompt_hidden(model, traj, traj.input_ids, traj.position_ids, traj.attention_mask)
+    kept_cols = traj.state_columns() - (traj.prompt_len - 1)  # [B, T+1] into columns P-1 .. L-1
+    state_hidden = hidden.gather(1, kept_cols[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T+1, H]
+    _, head, cap = split_model(model)
+    logits = head(state_hidden).float()
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return (logits, state_hidden) if with_hidden else logits
 
 
 def action_log_probs(logits: Tensor, traj: Trajectories, space: ActionSpace) -> tuple[Tensor, Tensor]:

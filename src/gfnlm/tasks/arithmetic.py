@@ -138,7 +138,7 @@ class ArithmeticOptions(TaskOptions):
     shots: int = setting(0, "k-shot prompting: worked examples in the policy's own prompt (evaluation baseline).")
     shot_seed: int = setting(0, "Seed of the shuffle that picks the k-shot examples.")
     cue: str = setting("", "Text appended to the question in the policy's prompt, e.g. 'Let us think step by step.'")
-    seed: int = setting(0, "Seed of the evaluation samples.")
+    eval_seed: int = setting(0, "Seed of the evaluation samples (training uses `seed`).")
 
 
 class ArithmeticTask(Task):
@@ -218,7 +218,7 @@ class ArithmeticTask(Task):
             take_action(query, generated, is_action, token, tool)
         return TrajectoryRecord(query, encode_prompts(self.tokenizer, [query])[0], generated, is_action)
 
-    def seed_records(self, model) -> list[TrajectoryRecord]:
+    def seed_records(self, model, generator: torch.Generator) -> list[TrajectoryRecord]:
         return [self.rationale_record(p) for p in self.worked[: self.options.seed_rationales]]
 
     def sft_examples(self, n: int, generator: torch.Generator) -> list[TrajectoryRecord]:
@@ -267,7 +267,7 @@ class ArithmeticTask(Task):
         o = self.options
         source, problems = self.test_problems()
         space, tool = self.action_space(o.eval_max_len), self.tool()
-        generator = torch.Generator().manual_seed(o.seed)
+        generator = torch.Generator().manual_seed(o.eval_seed)
         predictions = []
         step = o.eval_batch_questions
         for start in tqdm(range(0, len(problems), step), desc=f"evaluating {label}", unit="batch", leave=False):

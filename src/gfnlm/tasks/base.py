@@ -56,9 +56,10 @@ class Task(ABC):
     def tool(self) -> ToolHook | None:
         return None
 
-    def seed_records(self, model) -> list[TrajectoryRecord]:
+    def seed_records(self, model, generator: torch.Generator) -> list[TrajectoryRecord]:
         """Known-good trajectories to put in the replay buffer before training. ``model`` is the
-        policy, for tasks that propose seeds by prompting its base model (adapter switched off)."""
+        policy, for tasks that propose seeds by prompting its base model (adapter switched off);
+        ``generator`` (seeded with the training seed) draws any such samples."""
         return []
 
     def sft_examples(self, n: int, generator: torch.Generator) -> list[TrajectoryRecord]:

@@ -16,8 +16,13 @@ labels are the only answers, so this is the argmax of p_LM(Y | X Z)); the majori
 prediction, ties going to the larger summed log-odds. The answering LM is the base model, or
 after an EM M-step its fine-tuned adapter.
 
+The paper samples Y from p_LM(Y | X Z); with two possible answers, taking the likelier one is the
+deterministic version of that draw.
+
 Without rationales (``rationales: false``, set for SFT and prompting) the same comparison is made
-directly after "This review is", with ``shots`` labelled examples in context for few-shot prompting.
+directly after "This review is", with ``shots`` labelled examples in context for few-shot prompting
+(a cached ``SharedContext``; a tokenizer that adds a BOS token puts one before the context and
+one before the prompt).
 
 Data: JSON lines with ``text`` and ``label`` (0 objective, 1 subjective, or those words), or a
 Hugging Face dataset name. The validation split is drawn from ``pool_file`` with a fixed seed,
@@ -43,7 +48,11 @@ from gfnlm.config import setting
 from gfnlm.context import SharedContext
 from gfnlm.data import read_rows, row_name
 from gfnlm.exact import token_strings
-from gfnlm.rewards import LMSuffixReward, adapter_disabled, lm_continuation_log_likelihoods
+from gfnlm.rewards import (
+    LMSuffixReward,
+    adapter_disabled,
+    lm_continuation_log_likelihoods,
+)
 from gfnlm.sampling import encode_prompts, eval_mode, require_pad_token, sample
 from gfnlm.tasks.base import Task, TaskOptions
 from gfnlm.trajectories import ActionSpace, Query, Trajectories, TrajectoryRecord
@@ -127,7 +136,7 @@ class SubjectivityOptions(TaskOptions):
     m_step_samples: int = setting(16, "EM: rationales drawn from the E-step policy per training review.")
     e_step_run: str | None = setting(None, "EM: the GFlowNet run (or adapter folder) whose policy gives the rationales.")
     top_rationales: int = setting(7, "Most frequent rationales per true label reported in eval.json (Table D.5).")
-    seed: int = setting(0, "Seed of the evaluation samples and of inverse prompting.")
+    eval_seed: int = setting(0, "Seed of the evaluation samples (training, inverse prompting and EM use `seed`).")
 
 
 class SubjectivityTask(Task):
@@ -154,10 +163,16 @@ class SubjectivityTask(Task):
             raise ValueError("the tokenizer needs ',' and '.' tokens, which end the rationale and the answer")
         self.allowed_ids = tuple(t for t, s in strings.items() if RATIONALE_TOKEN.fullmatch(s))
         self._m_step_records: list[TrajectoryRecord] = []
+        if o.e_step_run:  # pinned to one checkpoint (and so saved in config.yaml): resuming the E-step run changes nothing
+            from gfnlm.models import adapter_folder
+
+            o.e_step_run = str(adapter_folder(o.e_step_run).resolve())
 
     @classmethod
     def method_settings(cls, method: str, settings: dict) -> dict:
-        """The paper's GFlowNet schedule (Table D.3); direct classification for SFT and prompting."""
+        """For GFlowNet runs Table D.3's reward tempering (1.2 -> 1.0 over 150 steps), behaviour-policy
+        temperatures and learning rate; its LoRA (rank 256, alpha 16) and budget (1000 steps x 512
+        samples) are left to the user. SFT and prompting classify directly."""
         if method in ("sft", "prompting"):
             return {"rationales": False}
         if method == "gfn":
@@ -195,22 +210,22 @@ class SubjectivityTask(Task):
     def reward(self, model) -> LMSuffixReward:
         return LMSuffixReward(model, self.tokenizer)
 
-    def seed_records(self, model) -> list[TrajectoryRecord]:
+    def seed_records(self, model, generator: torch.Generator) -> list[TrajectoryRecord]:
         """Rationales the base model proposes when told the label (inverse prompting, paper App. D)."""
         if not (self.options.rationales and self.options.seed_buffer):
             return []
         n = self.options.inverse_prompt_samples
         inverse = [Query(INVERSE_PROMPT.format(text=r.text, label=r.label_text)) for r in self.train for _ in range(n)]
         with adapter_disabled(model):
-            proposed = self._sample_records(model, inverse)
+            proposed = self._sample_records(model, inverse, generator)
         policy_queries = [self.query(r) for r in self.train for _ in range(n)]
         prompts = encode_prompts(self.tokenizer, policy_queries)
         return [TrajectoryRecord(q, p, r.generated_ids, r.is_action)
                 for q, p, r in zip(policy_queries, prompts, proposed)]
 
-    def _sample_records(self, model, queries: list[Query], batch: int = 128) -> list[TrajectoryRecord]:
-        """One rationale per query at temperature 1, in batches (seeded by ``options.seed``)."""
-        generator = torch.Generator().manual_seed(self.options.seed)
+    def _sample_records(self, model, queries: list[Query], generator: torch.Generator,
+                        batch: int = 128) -> list[TrajectoryRecord]:
+        """One rationale per query at temperature 1, in batches."""
         records = []
         for start in range(0, len(queries), batch):
             chunk = queries[start : start + batch]
@@ -231,26 +246,24 @@ class SubjectivityTask(Task):
         words = [self.tokenizer(f" {r.label_text}", add_special_tokens=False)["input_ids"] for r in self.train]
         return [TrajectoryRecord(q, p, w, [True] * len(w)) for q, p, w in zip(queries, prompts, words)]
 
-    def prepare_m_step(self, model) -> ActionSpace:
+    def prepare_m_step(self, model, generator: torch.Generator) -> None:
         """EM: draw ``m_step_samples`` rationales per training review from the E-step policy, after
-        which ``sft_examples`` trains the LM on log p(Z Y | X) for them; returns the LM's action space."""
-        from peft import PeftModel
+        which ``sft_examples`` trains the LM on log p(Z Y | X) for them (in ``lm_space``).
 
-        from gfnlm.models import adapter_folder
-
-        if not self.options.e_step_run:
-            raise ValueError("EM needs e_step_run: the GFlowNet run whose policy supplies the rationales")
-        policy = PeftModel.from_pretrained(model, str(adapter_folder(self.options.e_step_run)))
+        ``model`` is the M-step trainer's: its own fresh adapter is active; the E-step adapter is
+        loaded beside it for the sampling and removed afterwards, leaving the trainable parameters as
+        they were. (The paper writes log p(X Z Y); log p(X) does not depend on Z and is left out.)
+        """
         n = self.options.m_step_samples
-        proposed = self._sample_records(policy, [self.query(r) for r in self.train for _ in range(n)])
-        policy.unload()  # the base model's modules back as they were, for the M-step's own adapter
+        with self.rationale_policy(model):
+            proposed = self._sample_records(model, [self.query(r) for r in self.train for _ in range(n)], generator)
+        model.delete_adapter(E_STEP_ADAPTER)
         records = []
         for record in proposed:
             answer = self.tokenizer(record.query.target.removesuffix("."), add_special_tokens=False)["input_ids"]
             generated = record.generated_ids + answer
             records.append(TrajectoryRecord(record.query, record.prompt_ids, generated, [True] * len(generated)))
         self._m_step_records = records
-        return self.lm_space()
 
     # ----------------------------------------------------------------- evaluation
     def test_reviews(self) -> tuple[str, list[Review]]:
@@ -287,20 +300,20 @@ class SubjectivityTask(Task):
 
     @contextlib.contextmanager
     def rationale_policy(self, model) -> Iterator[None]:
-        """Run ``model`` as q(Z | X): itself, or for an EM model its E-step adapter (loaded once)."""
+        """Run ``model`` as q(Z | X): itself, or for EM the E-step adapter, loaded beside the M-step's."""
         if not self.options.e_step_run:
             yield
             return
-        from gfnlm.models import adapter_folder
-
+        if not hasattr(model, "peft_config"):
+            raise ValueError("an EM model is the M-step's adapter: evaluate it with --adapter EM_RUN")
         if E_STEP_ADAPTER not in model.peft_config:
-            model.load_adapter(str(adapter_folder(self.options.e_step_run)), adapter_name=E_STEP_ADAPTER)
+            model.load_adapter(self.options.e_step_run, adapter_name=E_STEP_ADAPTER)
         answering = model.active_adapter
-        model.set_adapter(E_STEP_ADAPTER)
+        model.set_adapter(E_STEP_ADAPTER, inference_mode=True)
         try:
             yield
         finally:
-            model.set_adapter(answering)
+            model.set_adapter(answering)  # trainable again, as it was
 
     def label_log_probs(self, model, traj: Trajectories, context: SharedContext | None = None) -> Tensor:
         """log p_LM(Y_label | X Z) for both labels after each trajectory, under the answering LM: [N, 2]."""
@@ -313,7 +326,7 @@ class SubjectivityTask(Task):
         source, reviews = self.test_reviews()
         samples = o.eval_samples if o.rationales else 1
         context = None if o.rationales else self.few_shot_context(model)
-        generator = torch.Generator().manual_seed(o.seed)
+        generator = torch.Generator().manual_seed(o.eval_seed)
         predictions = []
         for start in tqdm(range(0, len(reviews), o.eval_batch_reviews), desc=f"evaluating {label}", unit="batch",
                           leave=False):
