@@ -105,11 +105,12 @@ def subjectivity_table(root: Path) -> str:
     steps: dict[str, set[int]] = {}
     reviews: set[int] = set()
     sizes = sorted(int(p.name[1:]) for p in root.glob("n*") if p.name[1:].isdigit())
-    zero = root / "zero-shot" / "eval.json"
-    if zero.is_file():
-        r = json.loads(zero.read_text())
-        groups["zero-shot prompting"] = {n: [r["accuracy"]] for n in sizes}
-        reviews.add(r["n_reviews"])
+    for folder, name in (("zero-shot", "zero-shot prompting"), ("base-rationales", "base model, sampled rationales")):
+        path = root / folder / "eval.json"
+        if path.is_file():  # needs no training examples: the same figure in every column
+            r = json.loads(path.read_text())
+            groups[name] = {n: [r["accuracy"]] for n in sizes}
+            reviews.add(r["n_reviews"])
     for path in sorted(root.glob("n*/*-seed*/eval.json")):
         prefix = path.parent.name.rsplit("-seed", 1)[0]
         if prefix not in SUBJECTIVITY_ROWS:
@@ -122,7 +123,7 @@ def subjectivity_table(root: Path) -> str:
             steps.setdefault(name, set()).add(r["train_steps"])
     header = ["method", *(f"{n} examples" for n in sizes), "n seeds", "steps", "reviews evaluated"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    order = ["zero-shot prompting", *SUBJECTIVITY_ROWS.values()]
+    order = ["zero-shot prompting", "base model, sampled rationales", *SUBJECTIVITY_ROWS.values()]
     for name in [n for n in order if n in groups]:
         cells = [_mean_std(groups[name][n]) if n in groups[name] else "-" for n in sizes]
         seeds = max(len(v) for v in groups[name].values())

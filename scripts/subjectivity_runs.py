@@ -6,8 +6,8 @@ each learning rate of the sweep, and evaluates few-shot prompting with as many s
 as the training size; zero-shot prompting is evaluated once. All are evaluated on the same
 validation split of ../shared/data/subj/train.jsonl (or --test-file). It writes
     OUT/n{size}/{gfn,em,sft-lr{LR}}-seed{S}/eval.json     (run directories)
-    OUT/n{size}/prompting-seed{S}/eval.json, OUT/zero-shot/eval.json
-    OUT/n{size}/gfn-noseed-seed{S}/eval.json               --ablation: buffer not seeded
+    OUT/n{size}/prompting-seed{S}/eval.json, OUT/zero-shot/eval.json, OUT/base-rationales/eval.json
+    OUT/n{size}/gfn-noseed-seed{S}/eval.json               --ablation-sizes: buffer not seeded
     OUT/n{size}/gfn-noseed-noagg-seed{S}/eval.json         ... and one rationale per review
 Rerunning skips finished runs and resumes unfinished training. The README table comes from
     python3 scripts/results_table.py --subjectivity OUT --readme README.md --section subjectivity
@@ -48,7 +48,8 @@ def main() -> None:
     parser.add_argument("--sft-lrs", nargs="*", default=["1e-3", "1e-4"])
     parser.add_argument("--validation-size", type=int, default=100)
     parser.add_argument("--test-file", help="evaluate on this file instead of the validation split")
-    parser.add_argument("--ablation", action="store_true", help="Table D.4 at the first seed")
+    parser.add_argument("--ablation-sizes", nargs="*", type=int, default=[],
+                        help="training sizes at which to run Table D.4's ablation (first seed)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -62,6 +63,8 @@ def main() -> None:
            "--save_every", "10"]
     if "prompting" in args.methods:
         run(["eval", "--method", "prompting", "--label", "zero-shot prompting", *common], args.out / "zero-shot")
+    if "gfn" in args.methods:  # what the GFlowNet starts from: the base model's own rationales, then its answers
+        run(["eval", "--label", "base model, sampled rationales", *common], args.out / "base-rationales")
     for size in args.sizes:
         root, data = args.out / f"n{size}", [*common, "--train_size", str(size)]
         for seed in args.seeds:
@@ -77,7 +80,7 @@ def main() -> None:
             if "prompting" in args.methods:
                 run(["eval", "--method", "prompting", "--shots", str(size), "--shot_seed", str(seed), *data],
                     root / f"prompting-seed{seed}")
-        if args.ablation:
+        if size in args.ablation_sizes:
             seed = args.seeds[0]
             noseed = root / f"gfn-noseed-seed{seed}"
             run(["train", "--method", "gfn", "--seed_buffer", "false", *data, "--seed", str(seed), *gfn], noseed)

@@ -29,15 +29,16 @@ def read_metrics(path):
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
-def test_kill_and_resume_gives_identical_metrics(tokenizer, tmp_path):
-    whole = make_trainer(tokenizer, tmp_path / "whole")
+@pytest.mark.parametrize("loss", ["subtb", "tb"])  # tb learns log Z: its per-query first-visit state is saved too
+def test_kill_and_resume_gives_identical_metrics(tokenizer, tmp_path, loss):
+    whole = make_trainer(tokenizer, tmp_path / "whole", loss=loss)
     whole.train()
     # "killed" after step 4: a run configured for 6 steps that stops at 4, then a fresh process resumes
-    part = make_trainer(tokenizer, tmp_path / "part", steps=4)
+    part = make_trainer(tokenizer, tmp_path / "part", steps=4, loss=loss)
     part.train()
     with open(tmp_path / "part" / "metrics.jsonl", "a") as f:  # a line logged after the last checkpoint
         f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")
-    resumed = make_trainer(tokenizer, tmp_path / "part")
+    resumed = make_trainer(tokenizer, tmp_path / "part", loss=loss)
     resumed.train(resume=True)
     assert resumed.step == 6
     assert read_metrics(tmp_path / "part") == read_metrics(tmp_path / "whole")
@@ -47,6 +48,21 @@ def test_kill_and_resume_gives_identical_metrics(tokenizer, tmp_path):
         assert torch.equal(a, b), n
     assert (resumed.latest_checkpoint() / "adapter" / "adapter_config.json").is_file()
     assert len(list((tmp_path / "part" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
+
+
+def test_log_z_starts_at_each_querys_first_estimate(tokenizer):
+    trainer = make_trainer(tokenizer, loss="tb")
+    index = torch.tensor([2, 0, 2])
+    log_pf = torch.tensor([[-1.0, -2.0], [-0.5, 0.0], [-3.0, 0.0]])  # [B, T]
+    log_pterm = torch.tensor([[-9.0, -9.0, -0.5], [-9.0, -0.25, -9.0], [-9.0, -1.0, -9.0]])  # [B, T+1]
+    lengths = torch.tensor([2, 1, 1])
+    log_r = torch.tensor([[0.0, 0.0, -10.0], [0.0, -4.0, 0.0], [0.0, -6.0, 0.0]])  # terminal at lengths
+    trainer.initialise_log_z(index, log_pf, log_pterm, log_r, lengths)
+    # query 2: mean(-10 - (-3.5), -6 - (-4)) = -4.25; query 0: -4 - (-0.75) = -3.25; query 1 unseen
+    torch.testing.assert_close(trainer.log_z.detach(), torch.tensor([-3.25, 0.0, -4.25]))
+    assert trainer.log_z_ready.tolist() == [True, False, True]
+    trainer.initialise_log_z(index, log_pf, log_pterm, log_r - 5, lengths)  # seen queries keep their value
+    torch.testing.assert_close(trainer.log_z.detach(), torch.tensor([-3.25, 0.0, -4.25]))
 
 
 def test_fresh_run_refuses_a_used_output_dir(tokenizer, tmp_path):

@@ -170,14 +170,14 @@ class SubjectivityTask(Task):
 
     @classmethod
     def method_settings(cls, method: str, settings: dict) -> dict:
-        """For GFlowNet runs Table D.3's reward tempering (1.2 -> 1.0 over 150 steps), behaviour-policy
-        temperatures and learning rate; its LoRA (rank 256, alpha 16) and budget (1000 steps x 512
-        samples) are left to the user. SFT and prompting classify directly."""
+        """For GFlowNet runs Table D.3's reward tempering (1.2 -> 1.0 over 150 steps) and behaviour-policy
+        temperatures. Its learning rate, 5e-4, goes with LoRA rank 256 and alpha 16 (scale 1/16); our
+        default LoRA (rank 16, alpha 32) has scale 2, hence 1e-4. SFT and prompting classify directly."""
         if method in ("sft", "prompting"):
             return {"rationales": False}
         if method == "gfn":
             return {"reward_temp_start": 1.2, "reward_temp_end": 1.0, "reward_temp_horizon": 150,
-                    "pf_temp_min": 0.5, "pf_temp_max": 2.0, "lr": 5e-4}
+                    "pf_temp_min": 0.5, "pf_temp_max": 2.0, "lr": 1e-4}
         return {}
 
     # ----------------------------------------------------------------- the engine's inputs
