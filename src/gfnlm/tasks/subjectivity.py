@@ -6,7 +6,8 @@ rationale Z after the paper's prompt (Table D.2)
     Classify this movie review as objective or subjective: "[X]" This review is [Z], so it is [Y].
 
 and stops by writing "," (the first token of ", so it is [Y]."). Z is at most ``max_len`` word
-tokens (letters, optionally after a space), so rationales read like Table D.5's. The reward is
+tokens (letters, optionally after a space), so rationales read like Table D.5's, and by default
+not the label words themselves (``rationale_excludes_labels``). The reward is
 log p_LM(Z Y | X) under the base model, tempered by the Table D.3 schedule (1.2 -> 1.0 over
 150 steps), with X and Y taken from the few labelled training examples.
 
@@ -124,6 +125,10 @@ class SubjectivityOptions(TaskOptions):
     rationales: bool = setting(
         True, "Classify through sampled rationales Z (GFlowNet, EM); false: directly after 'This review is' "
         "(prompting and SFT set this themselves).")
+    rationale_excludes_labels: bool = setting(
+        True, "The rationale may not use the tokens 'objective' and 'subjective'. Allowed, the policy "
+        "collapsed onto Z = the label word (SmolLM2, 10 examples: 'subjective' in 80 % of samples for either "
+        "class), which makes q(Z | X) a bare classifier instead of a reason.")
     max_len: int = setting(5, "Most rationale tokens (Table D.3).")
     min_len: int = setting(1, "Fewest rationale tokens (Table D.3).")
     seed_buffer: bool = setting(True, "Seed the replay buffer with inverse-prompted rationales (Table D.4 ablation).")
@@ -161,7 +166,8 @@ class SubjectivityTask(Task):
         self.period_ids = tuple(t for t, s in strings.items() if s == ".")
         if not self.comma_ids or not self.period_ids:
             raise ValueError("the tokenizer needs ',' and '.' tokens, which end the rationale and the answer")
-        self.allowed_ids = tuple(t for t, s in strings.items() if RATIONALE_TOKEN.fullmatch(s))
+        self.allowed_ids = tuple(t for t, s in strings.items() if RATIONALE_TOKEN.fullmatch(s)
+                                 and not (o.rationale_excludes_labels and s.strip().lower() in LABELS))
         self._m_step_records: list[TrajectoryRecord] = []
         if o.e_step_run:  # pinned to one checkpoint (and so saved in config.yaml): resuming the E-step run changes nothing
             from gfnlm.models import adapter_folder
