@@ -67,10 +67,12 @@ def test_bad_settings_get_one_clear_error(tiny_model_dir, tmp_path, capsys, argv
     assert code == 2 and message in err and "Traceback" not in err
 
 
-def test_missing_model_is_named(tmp_path, capsys):
+def test_missing_model_is_named(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
     code = main(["eval", "--model", str(tmp_path / "nowhere"), "--eval_samples", "1"])
     err = capsys.readouterr().err
     assert code == 1 and "nowhere" in err and "smollm2-135m" in err
+    assert not (tmp_path / "eval").exists()  # a failed eval leaves no empty output folder behind
 
 
 def test_yaml_and_overrides(tmp_path):

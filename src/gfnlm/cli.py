@@ -173,9 +173,9 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
         raise ConfigError("--method prompting evaluates the base model; drop --adapter")
     run = resolve_settings(args, overrides, saved, methods=(*METHODS, "prompting"))
     output_dir = Path(args.output_dir or args.adapter or "eval")
-    output_dir.mkdir(parents=True, exist_ok=True)
     model, tokenizer = load_for_eval(run.model, args.adapter, run.train.device)
-    task = get_task(run.task)(run.options, tokenizer)
+    task = get_task(run.task)(run.options, tokenizer)  # bad input fails here, before anything is written
+    output_dir.mkdir(parents=True, exist_ok=True)
     label = args.label or _eval_label(run, args.adapter, prompting)
     result = task.evaluate(model, output_dir, label)
     write_json(output_dir / "eval.json", result)
