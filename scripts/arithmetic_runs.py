@@ -34,7 +34,8 @@ TRAIN_SETTINGS = {
     # paper Table E.2, with a higher learning rate for the short budget
     "gfn": {"lr": 5e-4, "warmup_steps": 10, "queries_per_step": 8, "samples_per_query": 8,
             "reward_temp_start": 1.1, "reward_temp_end": 0.5, "reward_temp_horizon": 150,
-            "pf_temp_min": 0.5, "pf_temp_max": 2.0, "p_replay": 0.25, "p_tempered": 0.5, "buffer_capacity": 50},
+            "pf_temp_min": 0.5, "pf_temp_max": 2.0, "p_replay": 0.25, "p_tempered": 0.5, "buffer_capacity": 50,
+            "log_z_init": "estimate"},
     "sft": {"lr": 5e-4, "queries_per_step": 4, "samples_per_query": 8},
     "ppo": {"lr": 1e-4, "queries_per_step": 8, "samples_per_query": 8},
 }

@@ -31,14 +31,14 @@ def read_metrics(path):
 
 @pytest.mark.parametrize("loss", ["subtb", "tb"])  # tb learns log Z: its per-query first-visit state is saved too
 def test_kill_and_resume_gives_identical_metrics(tokenizer, tmp_path, loss):
-    whole = make_trainer(tokenizer, tmp_path / "whole", loss=loss)
+    whole = make_trainer(tokenizer, tmp_path / "whole", loss=loss, log_z_init="estimate")
     whole.train()
     # "killed" after step 4: a run configured for 6 steps that stops at 4, then a fresh process resumes
-    part = make_trainer(tokenizer, tmp_path / "part", steps=4, loss=loss)
+    part = make_trainer(tokenizer, tmp_path / "part", steps=4, loss=loss, log_z_init="estimate")
     part.train()
     with open(tmp_path / "part" / "metrics.jsonl", "a") as f:  # a line logged after the last checkpoint
         f.write(json.dumps({"step": 5, "loss": -1.0}) + "\n")
-    resumed = make_trainer(tokenizer, tmp_path / "part", loss=loss)
+    resumed = make_trainer(tokenizer, tmp_path / "part", loss=loss, log_z_init="estimate")
     resumed.train(resume=True)
     assert resumed.step == 6
     assert read_metrics(tmp_path / "part") == read_metrics(tmp_path / "whole")
@@ -51,7 +51,7 @@ def test_kill_and_resume_gives_identical_metrics(tokenizer, tmp_path, loss):
 
 
 def test_log_z_starts_at_each_querys_first_estimate(tokenizer):
-    trainer = make_trainer(tokenizer, loss="tb")
+    trainer = make_trainer(tokenizer, loss="tb", log_z_init="estimate")
     index = torch.tensor([2, 0, 2])
     log_pf = torch.tensor([[-1.0, -2.0], [-0.5, 0.0], [-3.0, 0.0]])  # [B, T]
     log_pterm = torch.tensor([[-9.0, -9.0, -0.5], [-9.0, -0.25, -9.0], [-9.0, -1.0, -9.0]])  # [B, T+1]

@@ -55,6 +55,11 @@ class TrainConfig:
     )
     subtb_lambda: float = setting(1.0, "Weight lambda^(j-i-1) of a sub-trajectory of j-i steps (1.0 as in the paper).")
     log_z_lr: float = setting(0.1, "Learning rate of log Z (trajectory balance only).")
+    log_z_init: Literal["zero", "estimate"] = setting(
+        "zero", "Where each query's log Z starts: 0 (right for rewards that are normalised probabilities), or "
+        "its first batch's mean(log R - log P_F(trajectory)), for LM rewards whose log Z lies far below 0 and "
+        "whose first samples already have typical rewards (posteriors p_LM(Z | X, Y); the tasks set it). Not for "
+        "a first batch of nearly all floor rewards: the estimate then sits at the floor.")
     reward_temp_start: float = setting(1.0, "Reward temperature at step 0: the target is R^(1/temperature).")
     reward_temp_end: float = setting(1.0, "Reward temperature after the annealing horizon.")
     reward_temp_horizon: int = setting(0, "Steps over which the reward temperature moves linearly from start to end.")
@@ -97,6 +102,8 @@ class TrainConfig:
             raise ConfigError(f"loss must be 'subtb', 'tb' or 'db', got {self.loss!r}")
         if self.lr_decay not in ("constant", "linear", "cosine"):
             raise ConfigError(f"lr_decay must be 'constant', 'linear' or 'cosine', got {self.lr_decay!r}")
+        if self.log_z_init not in ("zero", "estimate"):
+            raise ConfigError(f"log_z_init must be 'zero' or 'estimate', got {self.log_z_init!r}")
         if self.buffer_sampling not in ("uniform", "reward"):
             raise ConfigError(f"buffer_sampling must be 'uniform' or 'reward', got {self.buffer_sampling!r}")
         if self.lora_rank < 0 or self.warmup_steps < 0 or self.reward_temp_horizon < 0 or self.time_limit_minutes < 0:

@@ -374,11 +374,12 @@ class GFlowNetTrainer(Trainer):
     def initialise_log_z(self, index: Tensor, log_pf: Tensor, log_pterm: Tensor, log_r: Tensor, lengths: Tensor) -> None:
         """Set log Z of queries seen for the first time to mean(log R(x) - log P_F(τ ⊤)) over their trajectories.
 
-        Starting at 0 instead, log Z is far above the truth for LM rewards (log p(Y | X) is often
-        -5 to -20); every sampled trajectory then looks too likely, the loss lowers the probability
-        of whatever the policy samples, and its mass drifts to the tail of the vocabulary, where
-        rewards are lowest (measured: SmolLM2 on subjectivity, mean log-reward -35 -> -650 in 30
-        steps). The estimate is exact once the policy matches the target; on-policy it is a lower bound.
+        With ``log_z_init: estimate``. Starting at 0 instead, log Z is far above the truth for LM
+        rewards (log p(Y | X) is often -5 to -20); every sampled trajectory then looks too likely,
+        the loss lowers the probability of whatever the policy samples, and its mass drifts to the
+        tail of the vocabulary, where rewards are lowest (measured: SmolLM2 on subjectivity, mean
+        log-reward -35 -> -650 in 30 steps). The estimate is exact once the policy matches the
+        target; on-policy it is a lower bound, useless when nearly every first sample gets the floor.
         """
         new = ~self.log_z_ready[index]  # [B]
         if not bool(new.any()):
@@ -471,7 +472,7 @@ class GFlowNetTrainer(Trainer):
         log_r = batch.log_r.to(log_pf.device) / reward_temperature
         lengths = traj.lengths
         index = torch.tensor([self.query_index[q.key] for q in traj.queries], device=self.device)
-        if self.learns_log_z:
+        if self.learns_log_z and self.config.log_z_init == "estimate":
             self.initialise_log_z(index, log_pf.detach(), log_pterm.detach(), log_r, lengths)
         log_z = self.log_z[index]  # [B]
         if self.config.loss == "subtb":

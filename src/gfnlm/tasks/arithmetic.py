@@ -173,9 +173,12 @@ class ArithmeticTask(Task):
 
     @classmethod
     def method_settings(cls, method: str, settings: dict) -> dict:
-        """Zero-shot prompting appends the chain-of-thought cue (paper §4.4)."""
+        """Zero-shot prompting appends the chain-of-thought cue (paper §4.4); GFlowNet runs start log Z
+        at its first estimate (log p(X Z Y | demonstrations) is -20 to -60, far from 0)."""
         if method == "prompting" and int(settings.get("shots", 0)) == 0:
             return {"cue": ZERO_SHOT_CUE}
+        if method == "gfn":
+            return {"log_z_init": "estimate"}
         return {}
 
     # ----------------------------------------------------------------- the engine's inputs

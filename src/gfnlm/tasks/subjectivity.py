@@ -178,12 +178,13 @@ class SubjectivityTask(Task):
     def method_settings(cls, method: str, settings: dict) -> dict:
         """For GFlowNet runs Table D.3's reward tempering (1.2 -> 1.0 over 150 steps) and behaviour-policy
         temperatures. Its learning rate, 5e-4, goes with LoRA rank 256 and alpha 16 (scale 1/16); our
-        default LoRA (rank 16, alpha 32) has scale 2, hence 1e-4. SFT and prompting classify directly."""
+        default LoRA (rank 16, alpha 32) has scale 2, hence 1e-4. log Z starts at its first estimate
+        (log p(Z Y | X) is far below 0). SFT and prompting classify directly."""
         if method in ("sft", "prompting"):
             return {"rationales": False}
         if method == "gfn":
             return {"reward_temp_start": 1.2, "reward_temp_end": 1.0, "reward_temp_horizon": 150,
-                    "pf_temp_min": 0.5, "pf_temp_max": 2.0, "lr": 1e-4}
+                    "pf_temp_min": 0.5, "pf_temp_max": 2.0, "lr": 1e-4, "log_z_init": "estimate"}
         return {}
 
     # ----------------------------------------------------------------- the engine's inputs
