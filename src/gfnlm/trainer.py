@@ -378,7 +378,7 @@ class GFlowNetTrainer(Trainer):
         rewards (log p(Y | X) is often -5 to -20); every sampled trajectory then looks too likely,
         the loss lowers the probability of whatever the policy samples, and its mass drifts to the
         tail of the vocabulary, where rewards are lowest (measured: SmolLM2 on subjectivity, mean
-        log-reward -35 -> -650 in 30 steps). The estimate is exact once the policy matches the
+        log-reward -52 -> -653 in 32 steps at lr 5e-4). The estimate is exact once the policy matches the
         target; on-policy it is a lower bound, useless when nearly every first sample gets the floor.
         """
         new = ~self.log_z_ready[index]  # [B]
