@@ -218,7 +218,7 @@ def test_m_step_samples_the_e_step_policy_and_em_evaluation_uses_both_adapters(d
     # the rationales are the E-step policy's samples (same draws), followed by ", so it is <label>"
     queries = [task.query(r) for r in task.train for _ in range(2)]
     expected = sample(e_step, tok, queries, task.action_space(), 1.0, torch.Generator().manual_seed(3)).records()
-    records = task._m_step_records
+    records = task._sft_records
     space = task.lm_space()
     for record, policy_record in zip(records, expected, strict=True):
         answer = tok(record.query.target.removesuffix("."), add_special_tokens=False)["input_ids"]

@@ -168,7 +168,7 @@ class SubjectivityTask(Task):
             raise ValueError("the tokenizer needs ',' and '.' tokens, which end the rationale and the answer")
         self.allowed_ids = tuple(t for t, s in strings.items() if RATIONALE_TOKEN.fullmatch(s)
                                  and not (o.rationale_excludes_labels and s.strip().lower() in LABELS))
-        self._m_step_records: list[TrajectoryRecord] = []
+        self._sft_records: list[TrajectoryRecord] | None = None  # built once: SFT draws from them every step
         if o.e_step_run:  # pinned to one checkpoint (and so saved in config.yaml): resuming the E-step run changes nothing
             from gfnlm.models import adapter_folder
 
@@ -241,17 +241,19 @@ class SubjectivityTask(Task):
 
     def sft_examples(self, n: int, generator: torch.Generator) -> list[TrajectoryRecord]:
         """Labelled pairs (X, Y) drawn uniformly; for EM's M-step, (X, Z Y) with Z from the E-step policy."""
-        pool = self._m_step_records or self._direct_records()
-        picks = torch.randint(len(pool), (n,), generator=generator).tolist()
-        return [pool[i] for i in picks]
+        if self._sft_records is None:
+            self._sft_records = self._direct_records()
+        picks = torch.randint(len(self._sft_records), (n,), generator=generator).tolist()
+        return [self._sft_records[i] for i in picks]
 
     def _direct_records(self) -> list[TrajectoryRecord]:
         if self.options.rationales:
             raise ValueError("SFT on labels classifies directly: set rationales to false (gfnlm sets it for --method sft)")
         queries = self.train_queries()
         prompts = encode_prompts(self.tokenizer, queries)
-        words = [self.tokenizer(f" {r.label_text}", add_special_tokens=False)["input_ids"] for r in self.train]
-        return [TrajectoryRecord(q, p, w, [True] * len(w)) for q, p, w in zip(queries, prompts, words)]
+        words = self.answer_ids(" {}")
+        return [TrajectoryRecord(q, p, words[r.label], [True] * len(words[r.label]))
+                for q, p, r in zip(queries, prompts, self.train)]
 
     def prepare_m_step(self, model, generator: torch.Generator) -> None:
         """EM: draw ``m_step_samples`` rationales per training review from the E-step policy, after
@@ -265,12 +267,12 @@ class SubjectivityTask(Task):
         with self.rationale_policy(model):
             proposed = self._sample_records(model, [self.query(r) for r in self.train for _ in range(n)], generator)
         model.delete_adapter(E_STEP_ADAPTER)
+        answers = self.answer_ids(", so it is {}")  # Y without its ".", the stop
         records = []
         for record in proposed:
-            answer = self.tokenizer(record.query.target.removesuffix("."), add_special_tokens=False)["input_ids"]
-            generated = record.generated_ids + answer
+            generated = record.generated_ids + answers[record.query.meta["label"]]
             records.append(TrajectoryRecord(record.query, record.prompt_ids, generated, [True] * len(generated)))
-        self._m_step_records = records
+        self._sft_records = records
 
     # ----------------------------------------------------------------- evaluation
     def test_reviews(self) -> tuple[str, list[Review]]:
