@@ -88,3 +88,17 @@ def test_bench_command_prints_a_parsable_summary(tmp_path):
     assert float(match.group(1)) == pytest.approx(result["speedup"], rel=0.05)
     assert (tmp_path / "bench.json").is_file()
     assert result["ours"]["step_flop"] > 0 and result["matmul_peak_gflops"] > 0
+
+
+def test_fixed_length_bench_writes_exactly_max_len_actions_and_profiles_the_step(tmp_path):
+    tokenizer = make_char_tokenizer(chars=CHARS)
+    model_dir = tmp_path / "tiny"
+    make_tiny_lm(vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    settings = BenchSettings(model=str(model_dir), queries=1, samples=8, max_len=8, warmup=0, repeats=1,
+                             reference_repeats=0, fixed_length=True, lora_rank=4, profile_ops=3)
+    result = run_bench(settings, echo=lambda line: None)
+    assert result["mean_actions"] == 8
+    shares = [op["share"] for op in result["profile"]]
+    assert len(shares) == 3 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
+    assert all(op["op"].startswith("aten::") and op["calls"] >= 1 for op in result["profile"])

@@ -22,7 +22,7 @@ import statistics
 import threading
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -46,6 +46,10 @@ class BenchSettings:
     queries: int = setting(4, "Queries per step.")
     samples: int = setting(8, "Samples per query.")
     max_len: int = setting(20, "Most rationale tokens (actions).")
+    fixed_length: bool = setting(
+        False, "Every trajectory writes exactly max_len actions (no stop before): how the step grows with T, "
+        "which the policy's own stopping would otherwise hide (arithmetic rationales end after ~13 tokens)."
+    )
     warmup: int = setting(1, "Untimed iterations before each measurement.")
     repeats: int = setting(3, "Timed iterations of each part of our step.")
     reference_repeats: int = setting(1, "Timed iterations of the (slow) reference step; 0 skips it.")
@@ -53,6 +57,7 @@ class BenchSettings:
     device: str = setting("auto", "cpu, cuda or auto.")
     seed: int = setting(0, "Seed of the sampled trajectories.")
     output: str | None = setting(None, "Write every figure to this JSON file.")
+    profile_ops: int = setting(0, "Also print the N operators that take most of one of our steps (torch.profiler).")
 
 
 @dataclass
@@ -183,6 +188,21 @@ def measure_peak(fn: Callable[[], object], device: torch.device) -> float:
     return memory.peak_mb
 
 
+def op_profile(fn: Callable[[], object], device: torch.device, top: int) -> list[dict]:
+    """The ``top`` operators by own time (device time on CUDA) in one call of ``fn``, with their share."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
+        fn()
+        _sync(device)
+    events = prof.key_averages()
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # microseconds
+    total = sum(own(e) for e in events) or 1.0
+    ranked = sorted(events, key=own, reverse=True)[:top]
+    return [{"op": e.key, "share": own(e) / total, "seconds": own(e) / 1e6, "calls": e.count} for e in ranked]
+
+
 def matmul_peak_gflops(device: torch.device, dtype: torch.dtype, size: int = 2048, seconds: float = 1.0) -> float:
     """Measured matrix-multiply throughput of this machine, in the model's dtype."""
     a = torch.randn(size, size, device=device, dtype=dtype)
@@ -309,8 +329,10 @@ def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> d
     config = TrainConfig(queries_per_step=s.queries, samples_per_query=s.samples, p_replay=0.0, p_tempered=0.0,
                          lora_rank=s.lora_rank, lora_alpha=2 * s.lora_rank, device=str(device), progress=False,
                          seed=s.seed)
-    trainer = GFlowNetTrainer(model, tokenizer, task.reward(model), task.train_queries(), task.action_space(),
-                              config, task.tool())
+    space = task.action_space()
+    if s.fixed_length:
+        space = replace(space, min_len=space.max_len)
+    trainer = GFlowNetTrainer(model, tokenizer, task.reward(model), task.train_queries(), space, config, task.tool())
     queries = trainer.queries[: s.queries]
     paths = StepPaths(trainer, queries, s.samples, s.seed)
     n_params = sum(p.numel() for p in trainer.model.parameters())
@@ -366,6 +388,11 @@ def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> d
     parts = sum(timings[k].median for k in step_parts)
     echo("where our step's time goes: " + ", ".join(
         f"{k} {100 * timings[k].median / parts:.0f}%" for k in step_parts) + " (optimizer update: the rest)")
+
+    if s.profile_ops > 0:
+        results["profile"] = op_profile(paths.fast_step, device, s.profile_ops)
+        echo("operators taking most of our step: " + ", ".join(
+            f"{op['op']} {100 * op['share']:.0f}% ({op['calls']} calls)" for op in results["profile"]))
 
     if s.reference_repeats > 0:
         counter.reset()
