@@ -137,6 +137,17 @@ def test_replay_buffer_is_filled_and_used(tokenizer):
     assert len(trainer.buffer) > 3
 
 
+def test_deficit_replay_knows_the_policy_probability_of_every_stored_trajectory(tokenizer):
+    trainer = make_trainer(tokenizer, steps=5, p_replay=0.7, p_tempered=0.2, buffer_sampling="deficit", queries_per_step=3)
+    trainer.seed_buffer([TrajectoryRecord(QUERY, [1, 10], [3, 4], [True, True])])
+    seed = trainer.buffer.state_dict()["entries"][QUERY.key][0]
+    assert seed[4] is None  # not trained on yet: replayed first
+    trainer.train()
+    entries = [row for rows in trainer.buffer.state_dict()["entries"].values() for row in rows]
+    assert len(entries) > 1
+    assert all(row[4] is not None and row[4] <= 0 for row in entries)  # log q(τ ⊤) of fresh and replayed ones
+
+
 def test_a_reward_returning_nan_is_an_error(tokenizer):
     trainer = make_trainer(tokenizer, reward=lambda traj: torch.full((len(traj), traj.horizon + 1), float("nan")))
     with pytest.raises(RewardError, match="non-finite log-reward"):

@@ -3,6 +3,13 @@
 Replayed trajectories are off-policy samples, which the balance losses accept as they are; their
 rewards are recomputed with the current reward temperature when they are trained on, so the
 buffer keeps the untempered terminal log-reward only to rank and to weight them.
+
+Replay draws are uniform, proportional to the reward, or by *deficit*: proportional to
+R(x) / q(τ), the reward over the policy's last known probability of the trajectory (the trainer
+reports it each time it trains on one). A perfect sampler has q(τ) = R(x) / Z, so deficits are
+equal and replay is uniform; an outcome the policy has all but lost (a valid integer it stopped
+writing, say) has a deficit orders of magnitude above the rest and is replayed until it gets its
+share back. On-policy samples rarely reach such outcomes again, which is why replay must.
 """
 
 from __future__ import annotations
@@ -22,20 +29,33 @@ class _Entry:
     prompt_ids: list[int]
     generated_ids: list[int]
     is_action: list[bool]
+    log_prob: float | None = None  # log q(τ ⊤) under the policy when last trained on; None: not yet
+
+    def log_weight(self, sampling: str) -> float:
+        if sampling == "reward":
+            return self.log_reward
+        if sampling == "deficit":
+            # never scored: as under-sampled as anything stored, so it is tried soon
+            return self.log_reward - self.log_prob if self.log_prob is not None else float("inf")
+        return 0.0
+
+
+SAMPLING = ("uniform", "reward", "deficit")
 
 
 class ReplayBuffer:
     """Keeps up to ``capacity`` trajectories per query, ranked by terminal log-reward.
 
     ``sampling="uniform"`` draws stored trajectories uniformly; ``"reward"`` draws them with
-    probability proportional to their reward (softmax of the log-rewards).
+    probability proportional to their reward (softmax of the log-rewards); ``"deficit"`` with
+    probability proportional to R / q (softmax of log R - log q; see the module docstring).
     """
 
-    def __init__(self, capacity: int, sampling: Literal["uniform", "reward"] = "uniform"):
+    def __init__(self, capacity: int, sampling: Literal["uniform", "reward", "deficit"] = "uniform"):
         if capacity < 1:
             raise ValueError(f"buffer capacity must be at least 1, got {capacity}")
-        if sampling not in ("uniform", "reward"):
-            raise ValueError(f"buffer sampling must be 'uniform' or 'reward', got {sampling!r}")
+        if sampling not in SAMPLING:
+            raise ValueError(f"buffer sampling must be one of {SAMPLING}, got {sampling!r}")
         self.capacity, self.sampling = capacity, sampling
         self._entries: dict[str, list[_Entry]] = {}  # sorted by decreasing log_reward
 
@@ -45,31 +65,44 @@ class ReplayBuffer:
     def size(self, query: Query) -> int:
         return len(self._entries.get(query.key, []))
 
-    def add(self, records: Sequence[TrajectoryRecord], log_rewards: Sequence[float]) -> int:
-        """Insert trajectories unless already stored or worse than a full buffer's worst; returns how many."""
+    def add(self, records: Sequence[TrajectoryRecord], log_rewards: Sequence[float],
+            log_probs: Sequence[float] | None = None) -> int:
+        """Insert trajectories unless already stored or worse than a full buffer's worst; returns how many.
+
+        ``log_probs``: the policy's log q(τ ⊤) of each, if known (``"deficit"`` replay uses it).
+        """
         added = 0
-        for record, log_reward in zip(records, log_rewards, strict=True):
+        log_probs = [None] * len(records) if log_probs is None else log_probs
+        for record, log_reward, log_prob in zip(records, log_rewards, log_probs, strict=True):
             entries = self._entries.setdefault(record.query.key, [])
             if any(e.generated_ids == record.generated_ids for e in entries):
                 continue
             if len(entries) >= self.capacity and log_reward <= entries[-1].log_reward:
                 continue
-            entry = _Entry(float(log_reward), list(record.prompt_ids), list(record.generated_ids), list(record.is_action))
+            entry = _Entry(float(log_reward), list(record.prompt_ids), list(record.generated_ids), list(record.is_action),
+                           None if log_prob is None else float(log_prob))
             keys = [-e.log_reward for e in entries]
             entries.insert(bisect.bisect_right(keys, -entry.log_reward), entry)
             del entries[self.capacity :]
             added += 1
         return added
 
+    def update_log_probs(self, records: Sequence[TrajectoryRecord], log_probs: Sequence[float]) -> None:
+        """Record the policy's current log q(τ ⊤) of stored trajectories (others are ignored)."""
+        for record, log_prob in zip(records, log_probs, strict=True):
+            for entry in self._entries.get(record.query.key, []):
+                if entry.generated_ids == record.generated_ids:
+                    entry.log_prob = float(log_prob)
+                    break
+
     def sample(self, query: Query, n: int, generator: torch.Generator | None = None) -> list[TrajectoryRecord]:
         """``n`` stored trajectories of ``query``, drawn with replacement."""
         entries = self._entries.get(query.key)
         if not entries:
             raise KeyError(f"the replay buffer holds nothing for query {query.prompt!r}")
-        if self.sampling == "reward":
-            weights = torch.tensor([e.log_reward for e in entries], dtype=torch.float64).softmax(0)
-        else:
-            weights = torch.ones(len(entries), dtype=torch.float64)
+        log_weights = torch.tensor([e.log_weight(self.sampling) for e in entries], dtype=torch.float64)
+        unscored = torch.isposinf(log_weights)
+        weights = unscored.double() if unscored.any() else log_weights.softmax(0)
         picks = torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
         return [
             TrajectoryRecord(query, entries[i].prompt_ids, entries[i].generated_ids, entries[i].is_action) for i in picks
@@ -88,7 +121,7 @@ class ReplayBuffer:
             "capacity": self.capacity,
             "sampling": self.sampling,
             "entries": {
-                key: [[e.log_reward, e.prompt_ids, e.generated_ids, e.is_action] for e in entries]
+                key: [[e.log_reward, e.prompt_ids, e.generated_ids, e.is_action, e.log_prob] for e in entries]
                 for key, entries in self._entries.items()
             },
         }
@@ -96,6 +129,7 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict) -> None:
         self.capacity, self.sampling = int(state["capacity"]), state["sampling"]
         self._entries = {
-            key: [_Entry(float(r), list(p), list(g), [bool(a) for a in act]) for r, p, g, act in rows]
+            key: [_Entry(float(row[0]), list(row[1]), list(row[2]), [bool(a) for a in row[3]],
+                         None if len(row) < 5 or row[4] is None else float(row[4])) for row in rows]
             for key, rows in state["entries"].items()
         }

@@ -72,7 +72,10 @@ class TrainConfig:
     pf_temp_min: float = setting(0.5, "Lowest temperature of the tempered behaviour policy.")
     pf_temp_max: float = setting(2.0, "Highest temperature of the tempered behaviour policy (drawn uniformly per query).")
     buffer_capacity: int = setting(50, "Replay buffer: trajectories kept per query (highest reward first).")
-    buffer_sampling: Literal["uniform", "reward"] = setting("uniform", "Replay draws: uniform or proportional to reward.")
+    buffer_sampling: Literal["uniform", "reward", "deficit"] = setting(
+        "uniform", "Replay draws: uniform, proportional to reward, or to reward / the policy's probability of the "
+        "trajectory (deficit: what the policy under-samples most is replayed most)."
+    )
     lora_rank: int = setting(16, "LoRA rank; 0 fine-tunes all parameters (for tiny models).")
     lora_alpha: float = setting(32.0, "LoRA scaling factor alpha.")
     lora_dropout: float = setting(0.0, "LoRA dropout (switched off while sampling and scoring rewards).")
@@ -104,8 +107,8 @@ class TrainConfig:
             raise ConfigError(f"lr_decay must be 'constant', 'linear' or 'cosine', got {self.lr_decay!r}")
         if self.log_z_init not in ("zero", "estimate"):
             raise ConfigError(f"log_z_init must be 'zero' or 'estimate', got {self.log_z_init!r}")
-        if self.buffer_sampling not in ("uniform", "reward"):
-            raise ConfigError(f"buffer_sampling must be 'uniform' or 'reward', got {self.buffer_sampling!r}")
+        if self.buffer_sampling not in ("uniform", "reward", "deficit"):
+            raise ConfigError(f"buffer_sampling must be 'uniform', 'reward' or 'deficit', got {self.buffer_sampling!r}")
         if self.lora_rank < 0 or self.warmup_steps < 0 or self.reward_temp_horizon < 0 or self.time_limit_minutes < 0:
             raise ConfigError("lora_rank, warmup_steps, reward_temp_horizon and time_limit_minutes must be >= 0")
 

@@ -92,6 +92,7 @@ class MicroBatch:
     traj: Trajectories
     log_r: Tensor  # [B, T+1] untempered
     fresh: Tensor  # [B] bool: sampled now (enters the buffer), not replayed
+    policy_log_prob: Tensor | None = None  # [B] log q(τ ⊤) under the policy, filled in by the loss
 
 
 class Trainer:
@@ -462,6 +463,15 @@ class GFlowNetTrainer(Trainer):
         log_r = compute_log_rewards(self.reward, traj)
         return MicroBatch(traj, log_r, fresh)
 
+    def update_buffer(self, batch: MicroBatch, log_r_end: Tensor) -> None:
+        """Fresh samples enter the buffer; replayed ones get the policy's current probability (deficit replay)."""
+        fresh, replayed = [], []
+        rows = zip(batch.traj.records(), log_r_end.tolist(), batch.policy_log_prob.tolist())
+        for row, is_fresh in zip(rows, batch.fresh.tolist()):
+            (fresh if is_fresh else replayed).append(row)
+        self.buffer.add([r for r, _, _ in fresh], [v for _, v, _ in fresh], [p for _, _, p in fresh])
+        self.buffer.update_log_probs([r for r, _, _ in replayed], [p for _, _, p in replayed])
+
     def sample_records(self, queries: list[Query], temperature: float | list[float]) -> list[TrajectoryRecord]:
         return self.sample(queries, temperature).records()
 
@@ -471,6 +481,7 @@ class GFlowNetTrainer(Trainer):
         log_pf, log_pterm = score_policy(self.model, traj, self.space)
         log_r = batch.log_r.to(log_pf.device) / reward_temperature
         lengths = traj.lengths
+        batch.policy_log_prob = terminal_log_prob(log_pf.detach(), log_pterm.detach(), lengths)
         index = torch.tensor([self.query_index[q.key] for q in traj.queries], device=self.device)
         if self.learns_log_z and self.config.log_z_init == "estimate":
             self.initialise_log_z(index, log_pf.detach(), log_pterm.detach(), log_r, lengths)
@@ -500,9 +511,7 @@ class GFlowNetTrainer(Trainer):
             (loss / c.grad_accum).backward()
             losses.append(loss.item())
             log_r_end = self._terminal(batch.log_r, batch.traj)
-            fresh = batch.fresh.nonzero().flatten().tolist()
-            records = batch.traj.records()
-            self.buffer.add([records[i] for i in fresh], [float(log_r_end[i]) for i in fresh])
+            self.update_buffer(batch, log_r_end)
             terminal.append(log_r_end.cpu())
             lengths.append(batch.traj.lengths.float().cpu())
             n_samples += len(batch.traj)
