@@ -9,6 +9,7 @@ from test_exactness import ALLOWED, QUERY, STOP, TableReward
 
 from gfnlm.config import TrainConfig
 from gfnlm.rewards import RewardError
+from gfnlm.scoring import terminal_log_prob
 from gfnlm.trainer import TIMING_KEYS, GFlowNetTrainer, TrainingDiverged
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
 
@@ -57,11 +58,13 @@ def test_log_z_starts_at_each_querys_first_estimate(tokenizer):
     log_pterm = torch.tensor([[-9.0, -9.0, -0.5], [-9.0, -0.25, -9.0], [-9.0, -1.0, -9.0]])  # [B, T+1]
     lengths = torch.tensor([2, 1, 1])
     log_r = torch.tensor([[0.0, 0.0, -10.0], [0.0, -4.0, 0.0], [0.0, -6.0, 0.0]])  # terminal at lengths
-    trainer.initialise_log_z(index, log_pf, log_pterm, log_r, lengths)
+    log_r_end = log_r.gather(1, lengths[:, None]).squeeze(1)
+    log_q = terminal_log_prob(log_pf, log_pterm, lengths)
+    trainer.initialise_log_z(index, log_r_end, log_q)
     # query 2: mean(-10 - (-3.5), -6 - (-4)) = -4.25; query 0: -4 - (-0.75) = -3.25; query 1 unseen
     torch.testing.assert_close(trainer.log_z.detach(), torch.tensor([-3.25, 0.0, -4.25]))
     assert trainer.log_z_ready.tolist() == [True, False, True]
-    trainer.initialise_log_z(index, log_pf, log_pterm, log_r - 5, lengths)  # seen queries keep their value
+    trainer.initialise_log_z(index, log_r_end - 5, log_q)  # seen queries keep their value
     torch.testing.assert_close(trainer.log_z.detach(), torch.tensor([-3.25, 0.0, -4.25]))
 
 

@@ -372,8 +372,11 @@ class GFlowNetTrainer(Trainer):
         self.log_z_ready.copy_(ready.to(self.device))
 
     @torch.no_grad()
-    def initialise_log_z(self, index: Tensor, log_pf: Tensor, log_pterm: Tensor, log_r: Tensor, lengths: Tensor) -> None:
+    def initialise_log_z(self, index: Tensor, log_r_end: Tensor, log_q: Tensor) -> None:
         """Set log Z of queries seen for the first time to mean(log R(x) - log P_F(τ ⊤)) over their trajectories.
+
+        ``index`` [B]: each trajectory's query; ``log_r_end`` [B]: its terminal log-reward (tempered as
+        in the loss); ``log_q`` [B]: its log P_F(τ ⊤) under the policy.
 
         With ``log_z_init: estimate``. Starting at 0 instead, log Z is far above the truth for LM
         rewards (log p(Y | X) is often -5 to -20); every sampled trajectory then looks too likely,
@@ -385,8 +388,7 @@ class GFlowNetTrainer(Trainer):
         new = ~self.log_z_ready[index]  # [B]
         if not bool(new.any()):
             return
-        terminal = log_r.gather(1, lengths[:, None].to(log_r.device)).squeeze(1)  # [B]
-        estimate = terminal - terminal_log_prob(log_pf, log_pterm, lengths)  # [B]
+        estimate = log_r_end - log_q  # [B]
         for query in index[new].unique().tolist():
             rows = index == query
             self.log_z[query] = estimate[rows].mean()
@@ -481,10 +483,10 @@ class GFlowNetTrainer(Trainer):
         log_pf, log_pterm = score_policy(self.model, traj, self.space)
         log_r = batch.log_r.to(log_pf.device) / reward_temperature
         lengths = traj.lengths
-        batch.policy_log_prob = terminal_log_prob(log_pf.detach(), log_pterm.detach(), lengths)
+        batch.policy_log_prob = terminal_log_prob(log_pf.detach(), log_pterm.detach(), lengths)  # [B]
         index = torch.tensor([self.query_index[q.key] for q in traj.queries], device=self.device)
         if self.learns_log_z and self.config.log_z_init == "estimate":
-            self.initialise_log_z(index, log_pf.detach(), log_pterm.detach(), log_r, lengths)
+            self.initialise_log_z(index, self._terminal(log_r, traj), batch.policy_log_prob)
         log_z = self.log_z[index]  # [B]
         if self.config.loss == "subtb":
             return modified_subtb_loss(log_pf, log_pterm, log_r, lengths, self.config.subtb_lambda,
