@@ -99,6 +99,7 @@ def test_fixed_length_bench_writes_exactly_max_len_actions_and_profiles_the_step
                              reference_repeats=0, fixed_length=True, lora_rank=4, profile_ops=3)
     result = run_bench(settings, echo=lambda line: None)
     assert result["mean_actions"] == 8
+    assert "reference" not in result and "loss_reference" not in result  # reference_repeats=0 skips the check too
     shares = [op["share"] for op in result["profile"]]
     assert len(shares) == 3 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
     assert all(op["op"].startswith("aten::") and op["calls"] >= 1 for op in result["profile"])

@@ -1,5 +1,6 @@
 """The command line end to end on a tiny model saved to disk, and its errors for bad input."""
 
+import dataclasses
 import json
 
 import pytest
@@ -89,6 +90,14 @@ def test_yaml_and_overrides(tmp_path):
     config = TrainConfig()
     apply_settings([config], {"progress": "no", "lora_target_modules": "all-linear"})
     assert config.progress is False and config.lora_target_modules == "all-linear"
+
+
+@pytest.mark.parametrize("name", ["loss", "lr_decay", "log_z_init", "buffer_sampling"])
+def test_config_built_in_code_is_checked_against_its_declared_choices(name):
+    config = dataclasses.replace(TrainConfig(), **{name: "nonsense"})  # bypasses the command line's coercion
+    with pytest.raises(ConfigError, match=f"{name} must be one of"):
+        config.validate()
+    TrainConfig().validate()
 
 
 @pytest.mark.parametrize("task", ["random-number", "arithmetic", "subjectivity"])

@@ -16,10 +16,11 @@ from __future__ import annotations
 
 import bisect
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Sequence, get_args
 
 import torch
 
+from gfnlm.config import BufferSampling
 from gfnlm.trajectories import Query, TrajectoryRecord
 
 
@@ -40,7 +41,7 @@ class _Entry:
         return 0.0
 
 
-SAMPLING = ("uniform", "reward", "deficit")
+SAMPLING: tuple[str, ...] = get_args(BufferSampling)
 
 
 class ReplayBuffer:
@@ -51,7 +52,7 @@ class ReplayBuffer:
     probability proportional to R / q (softmax of log R - log q; see the module docstring).
     """
 
-    def __init__(self, capacity: int, sampling: Literal["uniform", "reward", "deficit"] = "uniform"):
+    def __init__(self, capacity: int, sampling: BufferSampling = "uniform"):
         if capacity < 1:
             raise ValueError(f"buffer capacity must be at least 1, got {capacity}")
         if sampling not in SAMPLING:

@@ -25,6 +25,10 @@ def setting(default: Any, help: str, **kwargs: Any) -> Any:
     return field(default=default, metadata={"help": help}, **kwargs)
 
 
+BufferSampling = Literal["uniform", "reward", "deficit"]
+"""How the replay buffer draws stored trajectories (``gfnlm.buffer.ReplayBuffer``)."""
+
+
 class ConfigError(ValueError):
     """A configuration key or value that cannot be used."""
 
@@ -72,7 +76,7 @@ class TrainConfig:
     pf_temp_min: float = setting(0.5, "Lowest temperature of the tempered behaviour policy.")
     pf_temp_max: float = setting(2.0, "Highest temperature of the tempered behaviour policy (drawn uniformly per query).")
     buffer_capacity: int = setting(50, "Replay buffer: trajectories kept per query (highest reward first).")
-    buffer_sampling: Literal["uniform", "reward", "deficit"] = setting(
+    buffer_sampling: BufferSampling = setting(
         "uniform", "Replay draws: uniform, proportional to reward, or to reward / the policy's probability of the "
         "trajectory (deficit: what the policy under-samples most is replayed most)."
     )
@@ -101,16 +105,17 @@ class TrainConfig:
         sources = (self.p_replay, self.p_tempered, self.p_base)
         if min(sources) < 0 or sum(sources) > 1:
             raise ConfigError(f"p_replay, p_tempered and p_base must be >= 0 and sum to <= 1, got {sources}")
-        if self.loss not in ("subtb", "tb", "db"):
-            raise ConfigError(f"loss must be 'subtb', 'tb' or 'db', got {self.loss!r}")
-        if self.lr_decay not in ("constant", "linear", "cosine"):
-            raise ConfigError(f"lr_decay must be 'constant', 'linear' or 'cosine', got {self.lr_decay!r}")
-        if self.log_z_init not in ("zero", "estimate"):
-            raise ConfigError(f"log_z_init must be 'zero' or 'estimate', got {self.log_z_init!r}")
-        if self.buffer_sampling not in ("uniform", "reward", "deficit"):
-            raise ConfigError(f"buffer_sampling must be 'uniform', 'reward' or 'deficit', got {self.buffer_sampling!r}")
+        check_choices(self)
         if self.lora_rank < 0 or self.warmup_steps < 0 or self.reward_temp_horizon < 0 or self.time_limit_minutes < 0:
             raise ConfigError("lora_rank, warmup_steps, reward_temp_horizon and time_limit_minutes must be >= 0")
+
+
+def check_choices(config: Any) -> None:
+    """Every ``Literal[...]`` field of a dataclass holds one of its declared values (its type is the one list)."""
+    hints = typing.get_type_hints(type(config))
+    for f in dataclasses.fields(config):
+        if typing.get_origin(hints[f.name]) is Literal:
+            _coerce(getattr(config, f.name), hints[f.name], f.name)
 
 
 def field_help(cls) -> dict[str, str]:
