@@ -9,9 +9,10 @@ from test_exactness import ALLOWED, QUERY, STOP, TableReward
 
 from gfnlm.config import TrainConfig
 from gfnlm.rewards import RewardError
-from gfnlm.scoring import terminal_log_prob
+from gfnlm.sampling import eval_mode
+from gfnlm.scoring import score_policy, terminal_log_prob
 from gfnlm.trainer import TIMING_KEYS, GFlowNetTrainer, TrainingDiverged
-from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
+from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
 SPACE = ActionSpace(stop_token_ids=(STOP,), max_len=3, allowed_token_ids=ALLOWED)
 QUERIES = [QUERY, Query("8"), Query("9+1")]
@@ -140,15 +141,21 @@ def test_replay_buffer_is_filled_and_used(tokenizer):
     assert len(trainer.buffer) > 3
 
 
-def test_deficit_replay_knows_the_policy_probability_of_every_stored_trajectory(tokenizer):
-    trainer = make_trainer(tokenizer, steps=5, p_replay=0.7, p_tempered=0.2, buffer_sampling="deficit", queries_per_step=3)
+def test_deficit_replay_weighs_each_stored_trajectory_by_the_current_policy(tokenizer):
+    trainer = make_trainer(tokenizer, steps=3, p_replay=0.7, p_tempered=0.2, buffer_sampling="deficit", queries_per_step=3)
     trainer.seed_buffer([TrajectoryRecord(QUERY, [1, 10], [3, 4], [True, True])])
-    seed = trainer.buffer.state_dict()["entries"][QUERY.key][0]
-    assert seed[4] is None  # not trained on yet: replayed first
-    trainer.train()
-    entries = [row for rows in trainer.buffer.state_dict()["entries"].values() for row in rows]
-    assert len(entries) > 1
-    assert all(row[4] is not None and row[4] <= 0 for row in entries)  # log q(τ ⊤) of fresh and replayed ones
+    assert trainer.buffer.state_dict()["entries"][QUERY.key][0][4] is None  # not scored yet: replayed first
+    trainer.train()  # the policy moves; what the buffer knows of it must move along
+    trainer.config.p_replay, trainer.config.p_tempered = 1.0, 0.0
+    replayed = {q.key: q for q in trainer.draw_micro_batch().traj.queries}
+    for query in replayed.values():
+        stored = trainer.buffer.records(query)
+        traj = Trajectories.from_records(stored, trainer.pad_id, trainer.device)
+        with torch.no_grad(), eval_mode(trainer.model):
+            expected = terminal_log_prob(*score_policy(trainer.model, traj, trainer.space), traj.lengths)
+        got = [row[4] for row in trainer.buffer.state_dict()["entries"][query.key]]
+        assert got == pytest.approx(expected.tolist(), abs=1e-5)
+    assert sum(trainer.buffer.size(q) for q in replayed.values()) > 1
 
 
 def test_a_reward_returning_nan_is_an_error(tokenizer):

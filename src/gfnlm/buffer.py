@@ -5,8 +5,10 @@ rewards are recomputed with the current reward temperature when they are trained
 buffer keeps the untempered terminal log-reward only to rank and to weight them.
 
 Replay draws are uniform, proportional to the reward, or by *deficit*: proportional to
-R(x) / q(τ), the reward over the policy's last known probability of the trajectory (the trainer
-reports it each time it trains on one). A perfect sampler has q(τ) = R(x) / Z, so deficits are
+R(x) / q(τ), the reward over the policy's probability of the trajectory (the trainer rescores a
+query's stored trajectories with the current policy just before drawing from them: a value kept
+from an earlier step goes stale exactly when it matters, after the policy has lost an outcome it
+once liked, and then nothing would replay it). A perfect sampler has q(τ) = R(x) / Z, so deficits are
 equal and replay is uniform; an outcome the policy has all but lost (a valid integer it stopped
 writing, say) has a deficit orders of magnitude above the rest and is replayed until it gets its
 share back. On-policy samples rarely reach such outcomes again, which is why replay must.
@@ -30,7 +32,7 @@ class _Entry:
     prompt_ids: list[int]
     generated_ids: list[int]
     is_action: list[bool]
-    log_prob: float | None = None  # log q(τ ⊤) under the policy when last trained on; None: not yet
+    log_prob: float | None = None  # log q(τ ⊤) under the policy when last scored; None: not yet
 
     def log_weight(self, sampling: str) -> float:
         if sampling == "reward":
@@ -66,27 +68,25 @@ class ReplayBuffer:
     def size(self, query: Query) -> int:
         return len(self._entries.get(query.key, []))
 
-    def add(self, records: Sequence[TrajectoryRecord], log_rewards: Sequence[float],
-            log_probs: Sequence[float] | None = None) -> int:
-        """Insert trajectories unless already stored or worse than a full buffer's worst; returns how many.
-
-        ``log_probs``: the policy's log q(τ ⊤) of each, if known (``"deficit"`` replay uses it).
-        """
+    def add(self, records: Sequence[TrajectoryRecord], log_rewards: Sequence[float]) -> int:
+        """Insert trajectories unless already stored or worse than a full buffer's worst; returns how many."""
         added = 0
-        log_probs = [None] * len(records) if log_probs is None else log_probs
-        for record, log_reward, log_prob in zip(records, log_rewards, log_probs, strict=True):
+        for record, log_reward in zip(records, log_rewards, strict=True):
             entries = self._entries.setdefault(record.query.key, [])
             if any(e.generated_ids == record.generated_ids for e in entries):
                 continue
             if len(entries) >= self.capacity and log_reward <= entries[-1].log_reward:
                 continue
-            entry = _Entry(float(log_reward), list(record.prompt_ids), list(record.generated_ids), list(record.is_action),
-                           None if log_prob is None else float(log_prob))
+            entry = _Entry(float(log_reward), list(record.prompt_ids), list(record.generated_ids), list(record.is_action))
             keys = [-e.log_reward for e in entries]
             entries.insert(bisect.bisect_right(keys, -entry.log_reward), entry)
             del entries[self.capacity :]
             added += 1
         return added
+
+    def records(self, query: Query) -> list[TrajectoryRecord]:
+        """Every stored trajectory of ``query``, best first."""
+        return [TrajectoryRecord(query, e.prompt_ids, e.generated_ids, e.is_action) for e in self._entries.get(query.key, [])]
 
     def update_log_probs(self, records: Sequence[TrajectoryRecord], log_probs: Sequence[float]) -> None:
         """Record the policy's current log q(τ ⊤) of stored trajectories (others are ignored)."""
@@ -105,9 +105,8 @@ class ReplayBuffer:
         unscored = torch.isposinf(log_weights)
         weights = unscored.double() if unscored.any() else log_weights.softmax(0)
         picks = torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
-        return [
-            TrajectoryRecord(query, entries[i].prompt_ids, entries[i].generated_ids, entries[i].is_action) for i in picks
-        ]
+        stored = self.records(query)
+        return [stored[i] for i in picks]
 
     def best(self, query: Query, k: int = 1) -> list[tuple[float, TrajectoryRecord]]:
         """The ``k`` highest-reward trajectories of ``query`` with their log-rewards."""

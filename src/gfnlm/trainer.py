@@ -41,7 +41,7 @@ from gfnlm.buffer import ReplayBuffer
 from gfnlm.config import TrainConfig
 from gfnlm.losses import detailed_balance_loss, modified_subtb_loss, trajectory_balance_loss
 from gfnlm.rewards import Reward, adapter_disabled, compute_log_rewards
-from gfnlm.sampling import ToolHook, encode_prompts, require_pad_token, sample
+from gfnlm.sampling import ToolHook, encode_prompts, eval_mode, require_pad_token, sample
 from gfnlm.scoring import score_policy, terminal_log_prob
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
@@ -92,7 +92,6 @@ class MicroBatch:
     traj: Trajectories
     log_r: Tensor  # [B, T+1] untempered
     fresh: Tensor  # [B] bool: sampled now (enters the buffer), not replayed
-    policy_log_prob: Tensor | None = None  # [B] log q(τ ⊤) under the policy, filled in by the loss
 
 
 class Trainer:
@@ -443,6 +442,8 @@ class GFlowNetTrainer(Trainer):
             query = self.queries[i]
             u = float(torch.rand((), generator=self.generator))
             if u < c.p_replay and self.buffer.size(query) > 0:
+                if c.buffer_sampling == "deficit":
+                    self.rescore_buffer(query)
                 replayed += self.buffer.sample(query, c.samples_per_query, self.generator)
                 continue
             if c.p_replay <= u < c.p_replay + c.p_base:
@@ -466,13 +467,25 @@ class GFlowNetTrainer(Trainer):
         return MicroBatch(traj, log_r, fresh)
 
     def update_buffer(self, batch: MicroBatch, log_r_end: Tensor) -> None:
-        """Fresh samples enter the buffer; replayed ones get the policy's current probability (deficit replay)."""
-        fresh, replayed = [], []
-        rows = zip(batch.traj.records(), log_r_end.tolist(), batch.policy_log_prob.tolist())
-        for row, is_fresh in zip(rows, batch.fresh.tolist()):
-            (fresh if is_fresh else replayed).append(row)
-        self.buffer.add([r for r, _, _ in fresh], [v for _, v, _ in fresh], [p for _, _, p in fresh])
-        self.buffer.update_log_probs([r for r, _, _ in replayed], [p for _, _, p in replayed])
+        """Fresh samples enter the buffer, ranked by their untempered terminal log-reward."""
+        fresh = batch.fresh.tolist()
+        records = [r for r, is_fresh in zip(batch.traj.records(), fresh) if is_fresh]
+        self.buffer.add(records, [v for v, is_fresh in zip(log_r_end.tolist(), fresh) if is_fresh])
+
+    @torch.no_grad()
+    def rescore_buffer(self, query: Query, batch_size: int = 64) -> None:
+        """The current policy's log q(τ ⊤) of every stored trajectory of ``query``, for deficit replay.
+
+        One teacher-forced pass without gradients (and, like sampling, without dropout) over at most
+        ``buffer_capacity`` trajectories, only on the steps that replay this query.
+        """
+        records = self.buffer.records(query)
+        for start in range(0, len(records), batch_size):
+            chunk = records[start : start + batch_size]
+            traj = Trajectories.from_records(chunk, self.pad_id, self.device)
+            with eval_mode(self.model):
+                log_pf, log_pterm = score_policy(self.model, traj, self.space)  # [b, T], [b, T+1]
+            self.buffer.update_log_probs(chunk, terminal_log_prob(log_pf, log_pterm, traj.lengths).tolist())
 
     def sample_records(self, queries: list[Query], temperature: float | list[float]) -> list[TrajectoryRecord]:
         return self.sample(queries, temperature).records()
@@ -483,10 +496,10 @@ class GFlowNetTrainer(Trainer):
         log_pf, log_pterm = score_policy(self.model, traj, self.space)
         log_r = batch.log_r.to(log_pf.device) / reward_temperature
         lengths = traj.lengths
-        batch.policy_log_prob = terminal_log_prob(log_pf.detach(), log_pterm.detach(), lengths)  # [B]
         index = torch.tensor([self.query_index[q.key] for q in traj.queries], device=self.device)
         if self.learns_log_z and self.config.log_z_init == "estimate":
-            self.initialise_log_z(index, self._terminal(log_r, traj), batch.policy_log_prob)
+            log_q = terminal_log_prob(log_pf.detach(), log_pterm.detach(), lengths)  # [B]
+            self.initialise_log_z(index, self._terminal(log_r, traj), log_q)
         log_z = self.log_z[index]  # [B]
         if self.config.loss == "subtb":
             return modified_subtb_loss(log_pf, log_pterm, log_r, lengths, self.config.subtb_lambda,
