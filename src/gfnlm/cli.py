@@ -269,6 +269,8 @@ DEMO_SETTINGS = {
     "lora_alpha": 16,
     "log_z_lr": 0.05,
     "p_replay": 0.2,
+    "buffer_sampling": "deficit",  # keeps "100" (and any integer the policy drops early) reachable
+    "buffer_capacity": 128,  # more than the 101 valid integers, so none is ever evicted
     "p_tempered": 0.5,
     "pf_temp_min": 0.7,
     "pf_temp_max": 1.2,
