@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The random-number comparison of the README on the embedded SmolLM2-135M: `gfnlm demo` (base
-# model and GFlowNet fine-tuning), then SFT and PPO with the same budget (200 optimizer steps of 32
-# samples each, LoRA; PPO with one epoch per batch so that it also takes 200 steps),
-# then the README tables from the runs' eval.json. Long (about 30 minutes on 2 CPU cores): run it
+# model and GFlowNet fine-tuning), the same with twice the steps (in OUT/long), then SFT and PPO
+# with the demo's budget (200 optimizer steps of 32 samples each, LoRA; PPO with one epoch per
+# batch so that it also takes 200 steps), then the README tables from the runs' eval.json. Long (about 50 minutes on 2 CPU cores): run it
 # in the background; rerunning resumes or reuses finished runs.
 #   bash scripts/random_number_runs.sh runs/random-number
 set -euo pipefail
@@ -12,7 +12,9 @@ common=(--task random-number --steps 200 --queries_per_step 1 --samples_per_quer
         --lora_alpha 16 --lr_decay cosine --save_every 20 --eval_samples 1000 --progress false)
 resume() { if [ -d "$1/checkpoints" ]; then echo --resume; fi; }
 "$bin" demo --output-dir "$out"
+mkdir -p "$out/long/base" && cp -n "$out/base/eval.json" "$out/long/base/"  # the same base model: not evaluated twice
+"$bin" demo --output-dir "$out/long" --steps 400
 "$bin" train --method sft --output-dir "$out/sft" "${common[@]}" --lr 2e-3 $(resume "$out/sft")
 "$bin" train --method ppo --output-dir "$out/ppo" "${common[@]}" --lr 1e-3 --ppo_epochs 1 $(resume "$out/ppo")
 python3 scripts/results_table.py "$out/base" "$out/gfn" --readme README.md --section demo
-python3 scripts/results_table.py "$out/base" "$out/gfn" "$out/ppo" "$out/sft" --readme README.md --section random-number
+python3 scripts/results_table.py "$out/base" "$out/gfn" "$out/long/gfn" "$out/ppo" "$out/sft" --readme README.md --section random-number
