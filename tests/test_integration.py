@@ -24,6 +24,6 @@ def test_gfn_fine_tuning_teaches_the_embedded_model_to_write_digits(tmp_path):
     assert after["valid_mass"] > max(0.5, 100 * before["valid_mass"])
     # not collapsed onto one or two digits: uniform mass on two of the ten gives KL = log 5 = 1.61.
     # (30 steps leave the spread to chance: 1.05 here on 2026-11-27, below 0.35 on an earlier CI
-    # machine, 2.3 at an older commit on this one; the demo's 200 steps reach 0.01.)
+    # machine, 2.3 at an older commit on this one; the demo's 200 steps reach 0.001.)
     assert after["kl"] < 1.6
     assert (tmp_path / "checkpoints").is_dir()
