@@ -50,13 +50,3 @@ def test_sft_examples_follow_the_target(task):
     texts = [task.tokenizer.decode(r.generated_ids) for r in records]
     assert all(task.parse(t) is not None for t in texts)
     assert abs(texts.count("7") / 2000 - 1 / 21) < 0.02
-
-
-def test_seed_records_spell_each_supported_integer_once(tokenizer):
-    weights = [0.0, 1.0, 2.0, 0.0, 1.0, 1.0]  # 0 and 3 are outside the target's support
-    options = RandomNumberOptions(prompt="7+", low=10, high=15, target="weights", weights=weights, max_len=3)
-    assert RandomNumberTask(options, tokenizer).seed_records(None, torch.Generator()) == []  # off by default
-    task = RandomNumberTask(RandomNumberOptions(**{**vars(options), "seed_integers": True}), tokenizer)
-    texts = [task.tokenizer.decode(r.generated_ids) for r in task.seed_records(None, torch.Generator())]
-    assert texts == ["11", "12", "14", "15"]
-    assert task.log_reward(texts, None) == [math.log(w / 5) for w in (1.0, 2.0, 1.0, 1.0)]

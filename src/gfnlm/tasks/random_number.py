@@ -51,11 +51,6 @@ class RandomNumberOptions(TaskOptions):
         "-max_len * ln(vocabulary size) (about -43 for SmolLM2 and 4 tokens): the invalid texts are so many "
         "that a higher floor gives them most of the target's mass."
     )
-    seed_integers: bool = setting(
-        False, "Seed the replay buffer with every integer of positive target probability, written as the policy "
-        "would write it: the support is known from the reward, and replay keeps each integer reachable after the "
-        "policy has stopped visiting it (with buffer_sampling deficit and a buffer_capacity above their number)."
-    )
     max_len: int = setting(4, "Most tokens the policy may write before the stop is forced.")
     eval_samples: int = setting(10000, "Samples drawn for the histogram and the sampled valid fraction.")
     eval_batch_size: int = setting(500, "Samples drawn per batch in evaluation.")
@@ -113,21 +108,12 @@ class RandomNumberTask(Task):
 
     def sft_examples(self, n: int, generator: torch.Generator) -> list[TrajectoryRecord]:
         """Integers drawn from the target, written as the policy would write them."""
-        draws = torch.multinomial(torch.tensor(self.target_probs), n, replacement=True, generator=generator)
-        return self._records([self.integers[i] for i in draws.tolist()])
-
-    def seed_records(self, model, generator: torch.Generator) -> list[TrajectoryRecord]:
-        """Every integer the target gives positive probability, once (if ``seed_integers``)."""
-        if not self.options.seed_integers:
-            return []
-        return self._records([n for n, p in zip(self.integers, self.target_probs) if p > 0])
-
-    def _records(self, values: list[int]) -> list[TrajectoryRecord]:
         query = self.train_queries()[0]
         prompt = encode_prompts(self.tokenizer, [query])[0]
+        draws = torch.multinomial(torch.tensor(self.target_probs), n, replacement=True, generator=generator)
         records = []
-        for value in values:
-            ids = self.tokenizer(str(value), add_special_tokens=False)["input_ids"]
+        for index in draws.tolist():
+            ids = self.tokenizer(str(self.integers[index]), add_special_tokens=False)["input_ids"]
             records.append(TrajectoryRecord(query, prompt, ids, [True] * len(ids)))
         return records
 
