@@ -13,22 +13,23 @@ set -euo pipefail
 out=${1:-runs/bench-scaling}
 bin=${GFNLM:-gfnlm}
 mkdir -p "$out"
+files=()  # the finished points, in the order of the calls below (the table's row order)
 point() {  # name, then bench settings
     local name=$1; shift
-    if [ -f "$out/$name.json" ]; then echo "$name: done"; return; fi
-    if ! "$bin" bench --queries 1 --fixed_length true --repeats 2 "$@" --output "$out/$name.json" 2>&1 | tee "$out/$name.log"; then
+    if [ -f "$out/$name.json" ]; then
+        echo "$name: done"
+    elif ! "$bin" bench --queries 1 --fixed_length true --repeats 2 "$@" --output "$out/$name.json" 2>&1 \
+            | tee "$out/$name.log"; then
         echo "$name: failed, see $out/$name.log"
     fi
+    if [ -f "$out/$name.json" ]; then files+=("$out/$name.json"); fi
 }
-points=(T10-s8 T20-s8 T40-s8 T10-s2 T20-s2 T40-s2 T20-s4 T20-s16)  # the table's row order
 point T10-s8 --max_len 10 --samples 8
 point T20-s8 --max_len 20 --samples 8 --profile_ops 8
 point T40-s8 --max_len 40 --samples 8 --reference_repeats 0
+point T10-s2 --max_len 10 --samples 2
+point T20-s2 --max_len 20 --samples 2
+point T40-s2 --max_len 40 --samples 2
 point T20-s4 --max_len 20 --samples 4
 point T20-s16 --max_len 20 --samples 16 --reference_repeats 0
-point T20-s2 --max_len 20 --samples 2
-point T10-s2 --max_len 10 --samples 2
-point T40-s2 --max_len 40 --samples 2
-files=()
-for name in "${points[@]}"; do [ -f "$out/$name.json" ] && files+=("$out/$name.json"); done
 python3 "$(dirname "$0")/../scripts/results_table.py" --bench "${files[@]}" --readme README.md --section bench-scaling

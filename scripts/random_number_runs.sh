@@ -2,8 +2,9 @@
 # The random-number comparison of the README on the embedded SmolLM2-135M: `gfnlm demo` (base
 # model and GFlowNet fine-tuning), the same with twice the steps (in OUT/long), then SFT and PPO
 # with the demo's budget (200 optimizer steps of 32 samples each, LoRA; PPO with one epoch per
-# batch so that it also takes 200 steps), then the README tables from the runs' eval.json. Long (about 50 minutes on 2 CPU cores): run it
-# in the background; rerunning resumes or reuses finished runs.
+# batch so that it also takes 200 steps), then the README tables from the runs' eval.json. Long
+# (about 50 minutes on 2 CPU cores): run it in the background; rerunning resumes or reuses
+# finished runs.
 #   bash scripts/random_number_runs.sh runs/random-number
 set -euo pipefail
 out=${1:-runs/random-number}

@@ -52,8 +52,10 @@ class BenchSettings:
     )
     warmup: int = setting(1, "Untimed iterations before each measurement.")
     repeats: int = setting(3, "Timed iterations of each part of our step.")
-    reference_repeats: int = setting(1, "Timed iterations of the (slow) reference step; 0 skips it and the equality check (without a KV cache "
-        "its memory grows as T^2: 8 arithmetic samples at T = 40 took more than 23 GB).")
+    reference_repeats: int = setting(
+        1, "Timed iterations of the (slow) reference step; 0 skips it and the equality check (without a KV "
+        "cache its memory grows as T^2: 8 arithmetic samples at T = 40 took more than 23 GB)."
+    )
     lora_rank: int = setting(8, "LoRA rank of the policy.")
     device: str = setting("auto", "cpu, cuda or auto.")
     seed: int = setting(0, "Seed of the sampled trajectories.")

@@ -86,7 +86,8 @@ class ReplayBuffer:
 
     def records(self, query: Query) -> list[TrajectoryRecord]:
         """Every stored trajectory of ``query``, best first."""
-        return [TrajectoryRecord(query, e.prompt_ids, e.generated_ids, e.is_action) for e in self._entries.get(query.key, [])]
+        entries = self._entries.get(query.key, [])
+        return [TrajectoryRecord(query, e.prompt_ids, e.generated_ids, e.is_action) for e in entries]
 
     def update_log_probs(self, records: Sequence[TrajectoryRecord], log_probs: Sequence[float]) -> None:
         """Record the policy's current log q(τ ⊤) of stored trajectories (others are ignored)."""
