@@ -52,6 +52,28 @@ def test_suffix_reward_matches_per_prefix_passes(tiny_lm, tokenizer, batch):
     torch.testing.assert_close(likelihood_only[1, :3], (fast - prior)[1, :3], atol=1e-5, rtol=1e-5)
 
 
+def test_lm_reward_built_before_lora_keeps_scoring_with_the_base_model(tiny_lm, tokenizer, batch):
+    """peft injects LoRA layers into the plain model in place. A reward built from it before the trainer
+    wraps it (the CLI's order) must score with the base weights however far the adapter has moved, and
+    leave the adapter on and trainable afterwards."""
+    from gfnlm.config import TrainConfig
+    from gfnlm.trainer import apply_lora
+
+    suffixes = [tokenizer(q.target, add_special_tokens=False)["input_ids"] for q in batch.queries]
+    reward = LMSuffixReward(tiny_lm, tokenizer)
+    base = reward(batch)
+    policy = apply_lora(tiny_lm, TrainConfig(lora_rank=4))
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:  # a trained adapter: B is no longer zero
+                param.normal_(std=1.0)
+        adapted = lm_prefix_log_likelihoods(tiny_lm, batch, suffix_ids=suffixes)
+    assert (adapted - base).abs().max() > 0.1  # the adapter changes the plain model's scores
+    torch.testing.assert_close(reward(batch), base)
+    torch.testing.assert_close(lm_prefix_log_likelihoods(tiny_lm, batch, suffix_ids=suffixes), adapted)
+    assert all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)
+
+
 def test_stop_reward_object(tiny_lm, tokenizer, batch):
     reward = LMStopReward(tiny_lm, tokenizer, stop_token_ids=[2])(batch)
     assert reward.shape == (len(RECORDS), 5)

@@ -66,9 +66,30 @@ def compute_log_rewards(reward: Reward, traj: Trajectories) -> Tensor:
     return check_log_rewards(reward(traj), traj, name)
 
 
+@contextlib.contextmanager
 def adapter_disabled(model):
-    """Context in which a peft model runs as its base model (no-op for a plain model)."""
-    return model.disable_adapter() if hasattr(model, "disable_adapter") else contextlib.nullcontext()
+    """Context in which ``model`` runs as its base model, with every adapter layer inside it off.
+
+    ``model`` may be the peft wrapper or the plain model under it. peft injects its LoRA layers
+    into the plain model in place, so a reward built before the trainer applies LoRA (the usual
+    order) holds a model whose layers are the policy's. Switching off only a wrapper's adapter
+    would then let the reward follow the policy it trains: the policy raises its own reward
+    instead of matching the base model's. No-op for a model without adapters.
+    """
+    if hasattr(model, "disable_adapter"):  # the peft wrapper
+        with model.disable_adapter():
+            yield
+        return
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def _packed_suffix_inputs(traj: Trajectories, suffix_ids: Sequence[Sequence[int]], pad_id: int, dtype: torch.dtype):
