@@ -45,6 +45,8 @@ def main() -> None:
     parser.add_argument("--methods", nargs="*", default=["gfn", "em", "sft", "prompting"])
     parser.add_argument("--gfn-steps", type=int, default=60)
     parser.add_argument("--gfn-samples", type=int, default=8, help="rationales per review in a GFlowNet batch")
+    parser.add_argument("--gfn-settings", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more GFlowNet settings, e.g. lr=5e-5 buffer_sampling=deficit (also for the ablation)")
     parser.add_argument("--sft-lrs", nargs="*", default=["1e-3", "1e-4"])
     parser.add_argument("--validation-size", type=int, default=100)
     parser.add_argument("--test-file", help="evaluate on this file instead of the validation split")
@@ -61,6 +63,11 @@ def main() -> None:
     gfn = ["--steps", str(args.gfn_steps), "--warmup_steps", "10", "--queries_per_step", "4",
            "--samples_per_query", str(args.gfn_samples), "--reward_temp_horizon", str(max(1, 2 * args.gfn_steps // 3)),
            "--save_every", "10"]
+    for setting in args.gfn_settings:
+        key, sep, value = setting.partition("=")
+        if not sep:
+            parser.error(f"--gfn-settings takes KEY=VALUE, got {setting!r}")
+        gfn += [f"--{key}", value]
     if "prompting" in args.methods:
         run(["eval", "--method", "prompting", "--label", "zero-shot prompting", *common], args.out / "zero-shot")
     if "gfn" in args.methods:  # what the GFlowNet starts from: the base model's own rationales, then its answers

@@ -215,9 +215,12 @@ _END_MARKERS = ("<|endoftext|>", "<|im_end|>", "</s>", "<eos>", "<end_of_turn>",
 
 
 def adapter_folder(path: str | os.PathLike[str]) -> Path:
-    """The peft adapter folder of a run directory (its latest checkpoint) or the folder itself."""
+    """The peft adapter folder of a run directory (its latest checkpoint), of one checkpoint, or the folder
+    itself."""
     folder = Path(path)
-    if (folder / "checkpoints").is_dir():
+    if (folder / "adapter" / "adapter_config.json").is_file():  # one checkpoint, e.g. run/checkpoints/step-0000050
+        folder = folder / "adapter"
+    elif (folder / "checkpoints").is_dir():
         done = sorted(p for p in (folder / "checkpoints").glob("step-*") if (p / "adapter").is_dir())
         if not done:
             raise ModelLoadError(f"{folder} has no checkpoint with a LoRA adapter")

@@ -65,6 +65,14 @@ INVERSE_PROMPT = 'This movie review is {label}: "{text}" In a few words, it is {
 """Asks the base model why a review with a known label has it (inverse prompting, paper App. D)."""
 RATIONALE_TOKEN = re.compile(r" ?[A-Za-z]+")
 """Text of a token a rationale may use: letters, optionally after a space."""
+
+
+def spells_label(token: str) -> bool:
+    """Whether a word token is a label word or its start of 3+ letters ("subj", " Object"), which would
+    let the rationale name the answer instead of giving a reason."""
+    word = token.strip().lower()
+    return len(word) >= 3 and any(label.startswith(word) for label in LABELS)
+
 E_STEP_ADAPTER = "e_step"
 
 
@@ -126,9 +134,10 @@ class SubjectivityOptions(TaskOptions):
         True, "Classify through sampled rationales Z (GFlowNet, EM); false: directly after 'This review is' "
         "(prompting and SFT set this themselves).")
     rationale_excludes_labels: bool = setting(
-        True, "The rationale may not use the tokens 'objective' and 'subjective'. Allowed, the policy "
-        "collapsed onto Z = the label word (SmolLM2, 10 examples: 'subjective' in 80 % of samples for either "
-        "class), which makes q(Z | X) a bare classifier instead of a reason.")
+        True, "The rationale may not use the label words or their first 3+ letters ('subj', 'subject', 'obj', "
+        "...). Allowed, the policy collapsed onto Z = the label word (SmolLM2, 10 examples: 'subjective' in 80 % "
+        "of samples for either class) or its stem ('subject' 89 %; gemma3-270m: 'subj subj subj subj subj'), "
+        "which makes q(Z | X) a bare classifier instead of a reason.")
     max_len: int = setting(5, "Most rationale tokens (Table D.3).")
     min_len: int = setting(1, "Fewest rationale tokens (Table D.3).")
     seed_buffer: bool = setting(True, "Seed the replay buffer with inverse-prompted rationales (Table D.4 ablation).")
@@ -167,7 +176,7 @@ class SubjectivityTask(Task):
         if not self.comma_ids or not self.period_ids:
             raise ValueError("the tokenizer needs ',' and '.' tokens, which end the rationale and the answer")
         self.allowed_ids = tuple(t for t, s in strings.items() if RATIONALE_TOKEN.fullmatch(s)
-                                 and not (o.rationale_excludes_labels and s.strip().lower() in LABELS))
+                                 and not (o.rationale_excludes_labels and spells_label(s)))
         self._sft_records: list[TrajectoryRecord] | None = None  # built once: SFT draws from them every step
         if o.e_step_run:  # pinned to one checkpoint (and so saved in config.yaml): resuming the E-step run changes nothing
             from gfnlm.models import adapter_folder
