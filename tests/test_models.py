@@ -486,3 +486,17 @@ def test_embedded_gemma3_adds_bos_and_predicts_sensibly(
     assert tokenizer("hello").input_ids[0] != tokenizer.bos_token_id
     models._prepare_tokenizer(tokenizer, model, spec)
     assert tokenizer("hello").input_ids[0] == tokenizer.bos_token_id
+
+
+def test_adapter_folder_takes_a_run_one_checkpoint_or_the_adapter(tmp_path):
+    """A run directory resolves to its latest checkpoint's adapter; a checkpoint folder to its own."""
+    run = tmp_path / "run"
+    for step in ("step-0000010", "step-0000020"):
+        (run / "checkpoints" / step / "adapter").mkdir(parents=True)
+        (run / "checkpoints" / step / "adapter" / "adapter_config.json").write_text("{}")
+    older = run / "checkpoints" / "step-0000010"
+    assert models.adapter_folder(run) == run / "checkpoints" / "step-0000020" / "adapter"
+    assert models.adapter_folder(older) == older / "adapter"
+    assert models.adapter_folder(older / "adapter") == older / "adapter"
+    with pytest.raises(ModelLoadError, match="neither a run directory nor a peft adapter folder"):
+        models.adapter_folder(tmp_path)
