@@ -278,19 +278,19 @@ def test_cli_reports_a_bad_test_file(data_dir, tmp_path, capsys):
 
 
 def test_rationales_may_not_use_the_label_words_unless_allowed(data_dir):
-    """The policy's allowed set drops the label words and their stems ("subj", " Object") by default, but
-    keeps words that merely share two letters or contain a label ("su", "objectives")."""
+    """The policy's allowed set drops the label words, their stems ("subj", " Object") and words built on
+    them (" objectively") by default, but keeps words that merely share two letters ("su", " obey")."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     words = ["<pad>", "<s>", "</s>", ",", ".", " objective", " subjective", "objective", " about", " facts", "x",
-             "subj", " Object", " su", " objectives"]
+             "subj", " Object", " su", " objectively", " obey"]
     backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="x"))
     backend.pre_tokenizer = pre_tokenizers.Split(Regex(r" ?[a-z]+|[,.]"), behavior="isolated")
     backend.decoder = decoders.Fuse()
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, pad_token="<pad>", eos_token="</s>")
     options = dict(data_dir=str(data_dir), validation_size=8)
     strict = SubjectivityTask(SubjectivityOptions(**options), tok)
-    assert sorted(tok.decode([t]) for t in strict.allowed_ids) == [" about", " facts", " objectives", " su", "x"]
+    assert sorted(tok.decode([t]) for t in strict.allowed_ids) == [" about", " facts", " obey", " su", "x"]
     loose = SubjectivityTask(SubjectivityOptions(**options, rationale_excludes_labels=False), tok)
     assert {" objective", " subjective", "objective", "subj", " Object"} <= {tok.decode([t]) for t in loose.allowed_ids}

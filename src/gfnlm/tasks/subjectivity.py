@@ -68,10 +68,11 @@ RATIONALE_TOKEN = re.compile(r" ?[A-Za-z]+")
 
 
 def spells_label(token: str) -> bool:
-    """Whether a word token is a label word or its start of 3+ letters ("subj", " Object"), which would
-    let the rationale name the answer instead of giving a reason."""
+    """Whether a word token is a label word, its start of 3+ letters ("subj", " Object") or a word
+    built on it ("objectively"), which would let the rationale name the answer instead of giving a
+    reason."""
     word = token.strip().lower()
-    return len(word) >= 3 and any(label.startswith(word) for label in LABELS)
+    return len(word) >= 3 and any(label.startswith(word) or word.startswith(label) for label in LABELS)
 
 E_STEP_ADAPTER = "e_step"
 
@@ -134,10 +135,9 @@ class SubjectivityOptions(TaskOptions):
         True, "Classify through sampled rationales Z (GFlowNet, EM); false: directly after 'This review is' "
         "(prompting and SFT set this themselves).")
     rationale_excludes_labels: bool = setting(
-        True, "The rationale may not use the label words or their first 3+ letters ('subj', 'subject', 'obj', "
-        "...). Allowed, the policy collapsed onto Z = the label word (SmolLM2, 10 examples: 'subjective' in 80 % "
-        "of samples for either class) or its stem ('subject' 89 %; gemma3-270m: 'subj subj subj subj subj'), "
-        "which makes q(Z | X) a bare classifier instead of a reason.")
+        True, "The rationale may not use the label words, their first 3+ letters ('subj', 'object') or words "
+        "built on them ('objectively'): with them, q(Z | X) can name the answer instead of giving a reason, "
+        "and it did (Z = 'subjective', 'subject' or 'subj' for most samples of either class).")
     max_len: int = setting(5, "Most rationale tokens (Table D.3).")
     min_len: int = setting(1, "Fewest rationale tokens (Table D.3).")
     seed_buffer: bool = setting(True, "Seed the replay buffer with inverse-prompted rationales (Table D.4 ablation).")
