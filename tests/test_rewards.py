@@ -116,3 +116,30 @@ def test_bad_rewards_get_clear_errors(tokenizer, batch, fn, message):
 def test_wrong_shape_is_named(batch):
     with pytest.raises(RewardError, match=r"shape \[B, T\+1\]"):
         check_log_rewards(torch.zeros(3, 2), batch)
+
+
+def test_continuations_after_a_prompt_longer_than_the_sliding_window():
+    """Gemma-3 style sliding-window layers drop the oldest keys once the window is full, so the cache
+    cannot be cropped back after a continuation unless it records the past; the scores must equal one
+    full forward pass per continuation (regression: 20-shot prompting on gemma3-270m crashed)."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    from gfnlm.rewards import lm_continuation_log_likelihoods
+
+    config = Gemma3TextConfig(vocab_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=4,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64)
+    torch.manual_seed(0)
+    model = Gemma3ForCausalLM(config).eval()
+    prompt = [1, 5, 6, 7, 8, 9, 10, 11, 12]  # 9 tokens: longer than the window of 4
+    records = [TrajectoryRecord(Query("a"), prompt, [3, 4], [True, True]),
+               TrajectoryRecord(Query("b"), prompt[::-1], [13, 14], [True, True])]
+    continuations = [[6, 7, 8], [9, 10]]
+    scores = lm_continuation_log_likelihoods(model, Trajectories.from_records(records, pad_token_id=0), continuations)
+    for b, record in enumerate(records):
+        for k, ids in enumerate(continuations):
+            full = torch.tensor([record.prompt_ids + record.generated_ids + ids])
+            with torch.no_grad():
+                log_p = model(full).logits.log_softmax(-1)[0, -len(ids) - 1 : -1]  # [m, V]
+            expected = log_p.gather(1, torch.tensor(ids)[:, None]).sum()
+            torch.testing.assert_close(scores[b, k], expected, atol=1e-4, rtol=1e-5)

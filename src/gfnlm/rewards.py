@@ -221,6 +221,8 @@ def lm_continuation_log_likelihoods(
     final_col = traj.state_columns().gather(1, traj.lengths[:, None].to(device))  # [B, 1]
     final_hidden = hidden.gather(1, (final_col - (p - 1))[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, 1, H]
     final_pos = positions.gather(1, final_col)  # [B, 1]
+    if hasattr(cache, "activate_past_recording"):  # sliding-window layers (Gemma 3) keep what crop() removes
+        cache.activate_past_recording()
     scores = []
     for ids in continuations:
         tokens = torch.tensor(list(ids), dtype=torch.long, device=device).expand(batch, -1)  # [B, m]
