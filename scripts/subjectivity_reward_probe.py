@@ -1,9 +1,9 @@
-"""Why GFlowNet fine-tuning collapses on subjectivity with a small model: the reward of fixed rationales.
+"""Whether the subjectivity target separates the labels: the base model's reward of fixed rationales.
 
 For each training review X and each candidate rationale Z, prints log R = log p(Z, ", so it is Y." | X)
 for the true label Y, and how much more likely the true label makes it than the other one
 (log R(Y) - log R(not Y)). If one Z has the highest log R for both labels, the target posterior
-p(Z | X, Y) puts most of its mass on it whatever Y is, and a policy that matches it predicts nothing.
+p(Z | X, Y) puts most of its mass on it whatever Y is, and a policy that matches it predicts little.
     python3 scripts/subjectivity_reward_probe.py [--model smollm2-135m] [--train-size 10]
 """
 

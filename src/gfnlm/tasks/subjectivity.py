@@ -65,6 +65,7 @@ INVERSE_PROMPT = 'This movie review is {label}: "{text}" In a few words, it is {
 """Asks the base model why a review with a known label has it (inverse prompting, paper App. D)."""
 RATIONALE_TOKEN = re.compile(r" ?[A-Za-z]+")
 """Text of a token a rationale may use: letters, optionally after a space."""
+E_STEP_ADAPTER = "e_step"
 
 
 def spells_label(token: str) -> bool:
@@ -73,8 +74,6 @@ def spells_label(token: str) -> bool:
     reason."""
     word = token.strip().lower()
     return len(word) >= 3 and any(label.startswith(word) or word.startswith(label) for label in LABELS)
-
-E_STEP_ADAPTER = "e_step"
 
 
 @dataclass(frozen=True)
