@@ -52,6 +52,19 @@ def test_suffix_reward_matches_per_prefix_passes(tiny_lm, tokenizer, batch):
     torch.testing.assert_close(likelihood_only[1, :3], (fast - prior)[1, :3], atol=1e-5, rtol=1e-5)
 
 
+def test_suffix_reward_scores_only_real_tokens_of_reached_states(tiny_lm, tokenizer, batch):
+    """The head skips padding and the suffix copies of states past each trajectory's end."""
+    suffixes = [tokenizer(q.target, add_special_tokens=False)["input_ids"] for q in batch.queries]
+    rows: list[int] = []
+    tiny_lm.get_output_embeddings().register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    lm_prefix_log_likelihoods(tiny_lm, batch, suffix_ids=suffixes)
+    generated = int(batch.attention_mask[:, batch.prompt_len :].sum())  # tool insertions included
+    states = batch.lengths + 1
+    suffix_lengths = torch.tensor([len(s) for s in suffixes])
+    # Y's first token from each state, its later tokens inside the state's copy of Y
+    assert sum(rows) == generated + int(states.sum()) + int((states * (suffix_lengths - 1)).sum())
+
+
 def test_lm_reward_built_before_lora_keeps_scoring_with_the_base_model(tiny_lm, tokenizer, batch):
     """peft injects LoRA layers into the plain model in place. A reward built from it before the trainer
     wraps it (the CLI's order) must score with the base weights however far the adapter has moved, and

@@ -107,3 +107,25 @@ def test_draw_tokens_follows_the_probabilities_and_skips_zeros():
     counts = torch.bincount(draws, minlength=6).double() / len(draws)
     assert counts[[0, 2, 5]].sum() == 0
     assert torch.allclose(counts, probs[0].double(), atol=0.015)
+
+
+def head_rows(model) -> list[int]:
+    """Records how many positions each call of the output head receives."""
+    rows: list[int] = []
+    model.get_output_embeddings().register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    return rows
+
+
+def test_output_head_runs_only_at_reached_states(tiny_lm):
+    """Batch padding adds states past each trajectory's end; the vocabulary-sized head skips them."""
+    space = ActionSpace(stop_token_ids=(STOP,), max_len=5)
+    records = [
+        TrajectoryRecord(Query("1"), [1, 4], [5, 6, 13, 7], [True] * 4),
+        TrajectoryRecord(Query("23+4"), [1, 5, 6, 13, 7], [8], [True]),
+        TrajectoryRecord(Query("5"), [1, 8], [], []),
+    ]
+    rows = head_rows(tiny_lm)
+    log_pf, log_pterm = score_policy(tiny_lm, Trajectories.from_records(records, pad_token_id=0), space)
+    assert sum(rows) == 5 + 2 + 1  # n_b + 1 states each, not 3 * (T + 1) = 15
+    assert log_pterm.shape == (3, 5) and log_pf.shape == (3, 4)
+    assert torch.isfinite(log_pterm[0]).all() and (log_pterm[2, 1:] == 0).all()

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 import torch
 from torch import Tensor
 
+from gfnlm.losses import state_mask
 from gfnlm.sampling import eval_mode
 from gfnlm.scoring import head_log_probs, shared_prompt_hidden, split_model
 from gfnlm.trajectories import Query, Trajectories
@@ -166,9 +167,15 @@ def lm_prefix_log_likelihoods(
         else:
             mask = context.mask(mask)
     hidden, _ = shared_prompt_hidden(model, traj, input_ids, position_ids, mask, context)  # [B, total - start, H]
-    # log-prob of the next token of the packed sequence at every column (trajectory, then suffix copies)
+    # log-prob of the next token of the packed sequence (trajectory, then suffix copies), where it counts
     next_ids = torch.cat([input_ids[:, start + 1 :], input_ids[:, -1:]], dim=1)  # [B, total - start]
-    next_lp = head_log_probs(model, hidden, next_ids[..., None]).squeeze(-1)  # [B, total - start]
+    live = state_mask(traj.lengths, traj.horizon + 1)  # [B, T+1]: states s_0 .. s_{n_b}
+    scored = torch.zeros(next_ids.shape, dtype=torch.bool, device=next_ids.device)
+    scored[:, : width - traj.prompt_len] = traj.attention_mask[:, traj.prompt_len :].bool()  # real generated tokens
+    if suffix_ids is not None:  # Y's tokens 2..m in the copies of live states
+        predicts_real = torch.cat([suffix_real[:, 1:], torch.zeros_like(suffix_real[:, :1])], dim=1)  # [B, m]
+        scored[:, width - start :] = (live[:, :, None] & predicts_real[:, None, :]).reshape(batch, -1)
+    next_lp = head_log_probs(model, hidden, next_ids[..., None], keep=scored).squeeze(-1)  # [B, total - start]
     state_cols = traj.state_columns()  # [B, T+1]
 
     # log p(s_i | X): cumulative log-prob of the real generated tokens up to the state's last column
@@ -185,7 +192,7 @@ def lm_prefix_log_likelihoods(
         cand_ids = torch.cat([cand_ids, first], dim=2)
     if cand_ids.shape[2]:
         state_hidden = hidden.gather(1, (state_cols - start)[..., None].expand(-1, -1, hidden.shape[-1]))
-        cand_lp = head_log_probs(model, state_hidden, cand_ids)  # [B, T+1, K]
+        cand_lp = head_log_probs(model, state_hidden, cand_ids, keep=live)  # [B, T+1, K], 0 past n_b
         if n_stop:
             log_r = log_r + cand_lp[..., :n_stop].logsumexp(dim=-1)
         if suffix_ids is not None:

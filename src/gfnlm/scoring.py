@@ -3,7 +3,8 @@
 This is the only place the policy's log-probabilities carry gradients. Each distinct prompt is
 run once and its KV cache shared by its samples (``shared_prompt_hidden``, which the LM rewards
 use too); the generated region follows in one pass; the output head and the policy's
-log-softmax run only at the T+1 states of each trajectory, not at tool-inserted tokens or padding.
+log-softmax run only at the n_b + 1 states each trajectory reaches, not at tool-inserted tokens,
+padding or the states past its end.
 """
 
 from __future__ import annotations
@@ -31,21 +32,32 @@ def split_model(model) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
     return base.get_decoder(), base.get_output_embeddings(), cap
 
 
-def head_log_probs(model, hidden: Tensor, token_ids: Tensor, rows_per_chunk: int = 512) -> Tensor:
+def output_logits(model, hidden: Tensor) -> Tensor:
+    """The output head (with its logit soft cap, if any) in float32. [..., H] -> [..., V]."""
+    _, head, cap = split_model(model)
+    logits = head(hidden).float()
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
+def head_log_probs(model, hidden: Tensor, token_ids: Tensor, keep: Tensor | None = None,
+                   rows_per_chunk: int = 512) -> Tensor:
     """log p(token_ids[..., k] | hidden state) for K candidate tokens per position. [..., H], [..., K] -> [..., K].
 
     The output head runs on a few hundred positions at a time and only the K gathered values and
     the log-normaliser of each position are kept, so the full [N, V] logits (V ~ 50k) never exist
-    at once. Meant for no-grad scoring (rewards); it is exact, not an approximation.
+    at once. With ``keep`` (bool, [...]) only those positions are scored and the rest are 0: the
+    head over a large vocabulary costs more than the decoder body on the padding it would skip.
+    Meant for no-grad scoring (rewards); it is exact, not an approximation.
     """
-    _, head, cap = split_model(model)
+    if keep is not None:
+        out = hidden.new_zeros(token_ids.shape, dtype=torch.float32)
+        out[keep] = head_log_probs(model, hidden[keep], token_ids[keep], rows_per_chunk=rows_per_chunk)
+        return out
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
     flat_ids = token_ids.reshape(flat_hidden.shape[0], -1)  # [N, K]
     out = []
     for start in range(0, flat_hidden.shape[0], rows_per_chunk):
-        logits = head(flat_hidden[start : start + rows_per_chunk]).float()  # [n, V]
-        if cap:
-            logits = cap * torch.tanh(logits / cap)
+        logits = output_logits(model, flat_hidden[start : start + rows_per_chunk])  # [n, V]
         chosen = logits.gather(1, flat_ids[start : start + rows_per_chunk])
         out.append(chosen - logits.logsumexp(dim=1, keepdim=True))
     return torch.cat(out).reshape(token_ids.shape)
@@ -79,32 +91,35 @@ def shared_prompt_hidden(model, traj: Trajectories, input_ids: Tensor, position_
     return hidden, cache
 
 
-def state_logits(model, traj: Trajectories, with_hidden: bool = False) -> Tensor | tuple[Tensor, Tensor]:
-    """Next-token logits at the last token of every state s_0 .. s_T: [B, T+1, V].
+def state_hidden(model, traj: Trajectories) -> Tensor:
+    """Last-layer hidden states at the last token of every state s_0 .. s_T: [B, T+1, H].
 
     The distinct prompts run once ([U, P], gradients kept), their KV cache gathered to the B rows,
-    then the generated region ([B, G]) on top of it: U*P + B*G tokens instead of B*(P+G). The
-    output head runs only at the T+1 states (tool insertions need none). With ``with_hidden``
-    also the last layer's hidden states there, [B, T+1, H].
+    then the generated region ([B, G]) on top of it: U*P + B*G tokens instead of B*(P+G).
     """
     hidden, _ = shared_prompt_hidden(model, traj, traj.input_ids, traj.position_ids, traj.attention_mask)
     kept_cols = traj.state_columns() - (traj.prompt_len - 1)  # [B, T+1] into columns P-1 .. L-1
-    state_hidden = hidden.gather(1, kept_cols[..., None].expand(-1, -1, hidden.shape[-1]))  # [B, T+1, H]
-    _, head, cap = split_model(model)
-    logits = head(state_hidden).float()
-    if cap:
-        logits = cap * torch.tanh(logits / cap)
-    return (logits, state_hidden) if with_hidden else logits
+    return hidden.gather(1, kept_cols[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
-def action_log_probs(logits: Tensor, traj: Trajectories, space: ActionSpace) -> tuple[Tensor, Tensor]:
-    """State logits [B, T+1, V] -> the policy's log q(z_{i+1} | s_i) [B, T] and log q(⊤ | s_i) [B, T+1]."""
-    batch, num_states, vocab = logits.shape
-    n_actions = torch.arange(num_states, device=logits.device).repeat(batch)  # state i has i actions
-    log_probs = space.policy_log_probs(logits.reshape(-1, vocab), n_actions).reshape(batch, num_states, vocab)
-    log_pterm = space.stop_log_prob(log_probs)  # [B, T+1]
-    actions = traj.input_ids.gather(1, traj.action_columns())  # [B, T]
-    log_pf = log_probs[:, :-1].gather(2, actions[..., None]).squeeze(2)  # [B, T]
+def action_log_probs(model, hidden: Tensor, traj: Trajectories, space: ActionSpace) -> tuple[Tensor, Tensor]:
+    """State hidden states [B, T+1, H] -> the policy's log q(z_{i+1} | s_i) [B, T] and log q(⊤ | s_i) [B, T+1].
+
+    The output head and the log-softmax over the vocabulary run only at the states each
+    trajectory reaches (i <= n_b), not at the states past its end that batching pads in: with a
+    large vocabulary they dominate the cost. Entries past n_b are 0.
+    """
+    batch, num_states, _ = hidden.shape
+    state = torch.arange(num_states, device=hidden.device).expand(batch, -1)  # [B, T+1]
+    lengths = traj.lengths.to(hidden.device)[:, None]
+    live = state <= lengths  # [B, T+1]
+    log_probs = space.policy_log_probs(output_logits(model, hidden[live]), state[live])  # [N, V], N live states
+    log_pterm = hidden.new_zeros((batch, num_states), dtype=log_probs.dtype)
+    log_pterm[live] = space.stop_log_prob(log_probs)
+    acting = state[:, :-1] < lengths  # [B, T]: states followed by an action
+    actions = traj.input_ids.gather(1, traj.action_columns())[acting]  # [M]
+    log_pf = hidden.new_zeros((batch, num_states - 1), dtype=log_probs.dtype)
+    log_pf[acting] = log_probs[(state < lengths)[live]].gather(1, actions[:, None]).squeeze(1)
     return log_pf, log_pterm
 
 
@@ -113,17 +128,17 @@ def score_policy(model, traj: Trajectories, space: ActionSpace) -> tuple[Tensor,
 
     These are exactly the probabilities the sampler draws from at temperature 1: stop forced
     (log P_⊤ = 0) at ``max_len`` and impossible (-inf) before ``min_len``. Entries past each
-    trajectory's length are finite but meaningless.
+    trajectory's length are 0 and meaningless.
     """
-    return action_log_probs(state_logits(model, traj), traj, space)
+    return action_log_probs(model, state_hidden(model, traj), traj, space)
 
 
 @torch.no_grad()
 def final_state_log_probs(model, traj: Trajectories, space: ActionSpace) -> Tensor:
     """The policy's next-token log-probs at each trajectory's last state s_{n_b}: [B, V]."""
-    logits = state_logits(model, traj)  # [B, T+1, V]
-    final = logits.gather(1, traj.lengths[:, None, None].expand(-1, 1, logits.shape[-1])).squeeze(1)
-    return space.policy_log_probs(final, traj.lengths)
+    hidden = state_hidden(model, traj)  # [B, T+1, H]
+    final = hidden.gather(1, traj.lengths[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)  # [B, H]
+    return space.policy_log_probs(output_logits(model, final), traj.lengths)
 
 
 def terminal_log_prob(log_pf: Tensor, log_pterm: Tensor, lengths: Tensor) -> Tensor:

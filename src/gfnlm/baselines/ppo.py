@@ -20,7 +20,7 @@ from gfnlm.config import ConfigError, TrainConfig, setting
 from gfnlm.losses import state_mask
 from gfnlm.rewards import Reward, adapter_disabled, compute_log_rewards
 from gfnlm.sampling import sample
-from gfnlm.scoring import action_log_probs, score_policy, state_logits
+from gfnlm.scoring import action_log_probs, score_policy, state_hidden
 from gfnlm.trainer import Trainer
 from gfnlm.trajectories import ActionSpace, Query, Trajectories
 
@@ -95,8 +95,8 @@ class PPOTrainer(Trainer):
 
     def _policy(self, traj: Trajectories) -> tuple[Tensor, Tensor]:
         """Episode log-probs [B, T+1] and values [B, T+1] of the current policy."""
-        logits, hidden = state_logits(self.model, traj, with_hidden=True)
-        log_pf, log_pterm = action_log_probs(logits, traj, self.space)
+        hidden = state_hidden(self.model, traj)  # [B, T+1, H]
+        log_pf, log_pterm = action_log_probs(self.model, hidden, traj, self.space)
         values = self.value_head(hidden.float()).squeeze(-1)
         return episode_log_probs(log_pf, log_pterm, traj.lengths), values
 
