@@ -82,6 +82,13 @@ def test_empty_file_is_an_error(tmp_path):
         load_reviews(path)
 
 
+def test_evaluating_no_reviews_is_an_error(data_dir):
+    """eval_reviews 0 once gave a ZeroDivisionError after training, not an error before it."""
+    with pytest.raises(ValueError, match="eval_reviews must be at least 1"):
+        _task(data_dir, eval_reviews=0)
+    assert len(_task(data_dir, eval_reviews=3).test_reviews()[1]) == 3
+
+
 def test_validation_split_is_reproducible_and_excludes_training(data_dir):
     pool = load_reviews(data_dir / "train.jsonl")
     train = {r.text for r in pool[:10]}

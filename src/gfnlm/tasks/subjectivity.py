@@ -162,8 +162,8 @@ class SubjectivityTask(Task):
         super().__init__(options, tokenizer)
         o = options
         for name in ("train_size", "validation_size", "eval_samples", "max_len", "inverse_prompt_samples",
-                     "m_step_samples", "eval_batch_reviews"):
-            if getattr(o, name) < 1:
+                     "m_step_samples", "eval_batch_reviews", "eval_reviews"):
+            if getattr(o, name) is not None and getattr(o, name) < 1:  # eval_reviews None: all of them
                 raise ValueError(f"{name} must be at least 1, got {getattr(o, name)}")
         self.train = load_reviews(o.train_file or f"{o.data_dir}/train.{o.train_size}.jsonl")
         if not 0 <= o.shots <= len(self.train):
