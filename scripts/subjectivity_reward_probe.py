@@ -14,20 +14,16 @@ import argparse
 import torch
 
 from gfnlm.models import load_model_and_tokenizer
-from gfnlm.sampling import encode_prompts
+from gfnlm.sampling import text_records
 from gfnlm.tasks.subjectivity import LABELS, SubjectivityOptions, SubjectivityTask
-from gfnlm.trajectories import Query, TrajectoryRecord, Trajectories
+from gfnlm.trajectories import Query, Trajectories
 
 CANDIDATES = ["opinion", "subject", "personal", "a fact", "a plot summary", "factual", "emotional", "about a film"]
 
 
 def terminal_log_rewards(task: SubjectivityTask, reward, query: Query, rationales: list[str]) -> torch.Tensor:
     """log R of each rationale (written after a space, as the policy writes it) for ``query``: [len(rationales)]."""
-    prompt = encode_prompts(task.tokenizer, [query])[0]
-    records = []
-    for z in rationales:
-        ids = task.tokenizer(" " + z, add_special_tokens=False)["input_ids"]
-        records.append(TrajectoryRecord(query, prompt, ids, [True] * len(ids)))
+    records = text_records(task.tokenizer, [(query, " " + z) for z in rationales])
     traj = Trajectories.from_records(records, task.tokenizer.pad_token_id or 0, torch.device("cpu"))
     with torch.no_grad():
         return reward(traj).gather(1, traj.lengths[:, None]).squeeze(1)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from gfnlm.sampling import sample
+from gfnlm.sampling import sample, text_records
 from gfnlm.scoring import score_policy, terminal_log_prob
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
@@ -129,3 +129,10 @@ def test_output_head_runs_only_at_reached_states(tiny_lm):
     assert sum(rows) == 5 + 2 + 1  # n_b + 1 states each, not 3 * (T + 1) = 15
     assert log_pterm.shape == (3, 5) and log_pf.shape == (3, 4)
     assert torch.isfinite(log_pterm[0]).all() and (log_pterm[2, 1:] == 0).all()
+
+
+def test_text_records_write_each_text_after_its_prompt(tokenizer):
+    records = text_records(tokenizer, [(Query("23+4"), "5+6"), (Query("1"), "")])
+    assert [r.generated_ids for r in records] == [tokenizer("5+6", add_special_tokens=False)["input_ids"], []]
+    assert records[0].prompt_ids == tokenizer("23+4")["input_ids"] and records[0].is_action == [True] * 3
+    assert records[1].length == 0 and records[1].query == Query("1")

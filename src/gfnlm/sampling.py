@@ -70,6 +70,20 @@ def encode_prompts(tokenizer, queries: Sequence[Query]) -> list[list[int]]:
     return [list(row) for row in ids]
 
 
+def text_records(tokenizer, examples: Sequence[tuple[Query, str]]) -> list[TrajectoryRecord]:
+    """Trajectories that write each text Z after its query X, every token an action of the policy.
+
+    For texts given rather than sampled (buffer seeds, SFT targets, rationales to score); no tool
+    inserts anything into them.
+    """
+    prompts = encode_prompts(tokenizer, [query for query, _ in examples])
+    records = []
+    for (query, text), prompt in zip(examples, prompts):
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        records.append(TrajectoryRecord(query, prompt, ids, [True] * len(ids)))
+    return records
+
+
 def _as_row_temperatures(temperature: float | Sequence[float] | Tensor, batch: int) -> Tensor:
     temps = torch.as_tensor(temperature, dtype=torch.float32).flatten()
     if temps.numel() == 1:

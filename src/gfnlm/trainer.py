@@ -41,7 +41,7 @@ from gfnlm.buffer import ReplayBuffer
 from gfnlm.config import TrainConfig
 from gfnlm.losses import detailed_balance_loss, modified_subtb_loss, trajectory_balance_loss
 from gfnlm.rewards import Reward, adapter_disabled, compute_log_rewards
-from gfnlm.sampling import ToolHook, encode_prompts, eval_mode, require_pad_token, sample
+from gfnlm.sampling import ToolHook, eval_mode, require_pad_token, sample, text_records
 from gfnlm.scoring import score_policy, terminal_log_prob
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
@@ -418,13 +418,10 @@ class GFlowNetTrainer(Trainer):
 
     def seed_buffer_from_texts(self, examples: Sequence[tuple[Query, str]]) -> int:
         """Seed the buffer with texts Z given for queries X, each token an action of the policy."""
-        prompts = encode_prompts(self.tokenizer, [q for q, _ in examples])
-        records = []
-        for (query, text), prompt in zip(examples, prompts):
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            if not 0 < len(ids) <= self.space.max_len:
-                raise ValueError(f"seed text {text!r} has {len(ids)} tokens; the policy writes 1 to {self.space.max_len}")
-            records.append(TrajectoryRecord(query, prompt, ids, [True] * len(ids)))
+        records = text_records(self.tokenizer, examples)
+        for (_, text), record in zip(examples, records):
+            if not 0 < record.length <= self.space.max_len:
+                raise ValueError(f"seed text {text!r} has {record.length} tokens; the policy writes 1 to {self.space.max_len}")
         return self.seed_buffer(records)
 
     def _terminal(self, log_r: Tensor, traj: Trajectories) -> Tensor:

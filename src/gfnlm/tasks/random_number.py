@@ -26,7 +26,7 @@ from gfnlm.config import setting
 from gfnlm.exact import exact_outcome_distribution, token_strings
 from gfnlm.metrics import js_divergence, kl_divergence, normalise, total_variation
 from gfnlm.rewards import TextReward
-from gfnlm.sampling import encode_prompts, sample
+from gfnlm.sampling import sample, text_records
 from gfnlm.tasks.base import Task, TaskOptions
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
 
@@ -109,13 +109,8 @@ class RandomNumberTask(Task):
     def sft_examples(self, n: int, generator: torch.Generator) -> list[TrajectoryRecord]:
         """Integers drawn from the target, written as the policy would write them."""
         query = self.train_queries()[0]
-        prompt = encode_prompts(self.tokenizer, [query])[0]
         draws = torch.multinomial(torch.tensor(self.target_probs), n, replacement=True, generator=generator)
-        records = []
-        for index in draws.tolist():
-            ids = self.tokenizer(str(self.integers[index]), add_special_tokens=False)["input_ids"]
-            records.append(TrajectoryRecord(query, prompt, ids, [True] * len(ids)))
-        return records
+        return text_records(self.tokenizer, [(query, str(self.integers[i])) for i in draws.tolist()])
 
     @classmethod
     def figures(cls, results: list[dict], output_dir: Path) -> list[Path]:
