@@ -37,27 +37,25 @@ def test_reward_proportional_sampling():
 def test_deficit_sampling_replays_what_the_policy_undersamples():
     buf = ReplayBuffer(capacity=4, sampling="deficit")
     buf.add([rec(Q1, [3]), rec(Q1, [4]), rec(Q1, [5])], [-1.0, -1.0, -1.0])
-    buf.update_log_probs([rec(Q1, [3]), rec(Q1, [4])], [-1.0, -3.0])  # R/q: e^0 : e^2; [5] never scored
     generator = torch.Generator().manual_seed(0)
-    assert {tuple(d.generated_ids) for d in buf.sample(Q1, 50, generator)} == {(5,)}  # unscored first
-    buf.update_log_probs([rec(Q1, [5]), rec(Q2, [9])], [-1.0, -1.0])  # [9] is not stored: ignored
-    draws = buf.sample(Q1, 6000, generator)
+    draws = buf.sample(Q1, 6000, generator, log_probs=[-1.0, -3.0, -1.0])  # R/q: e^0 : e^2 : e^0
     share = {g: sum(tuple(d.generated_ids) == g for d in draws) / 6000 for g in [(3,), (4,), (5,)]}
     expected = torch.tensor([0.0, 2.0, 0.0]).softmax(0).tolist()
     assert share == pytest.approx(dict(zip([(3,), (4,), (5,)], expected)), abs=0.03)
-    buf.update_log_probs([rec(Q1, [4])], [-1.0])  # the policy caught up: uniform again
-    draws = buf.sample(Q1, 6000, generator)
+    draws = buf.sample(Q1, 6000, generator, log_probs=[-1.0, -1.0, -1.0])  # the policy caught up: uniform again
     assert sum(d.generated_ids == [4] for d in draws) / 6000 == pytest.approx(1 / 3, abs=0.03)
+    with pytest.raises(ValueError, match="log q of all 3 stored trajectories, got 2"):
+        buf.sample(Q1, 1, generator, log_probs=[-1.0, -1.0])
+    with pytest.raises(ValueError, match="got None"):
+        buf.sample(Q1, 1, generator)
 
 
 def test_state_dict_round_trip(tmp_path):
     buf = ReplayBuffer(capacity=3, sampling="deficit")
     buf.add([rec(Q1, [3, 4]), rec(Q2, [5])], [-1.0, -2.0])
-    buf.update_log_probs([rec(Q1, [3, 4])], [-7.0])
     torch.save(buf.state_dict(), tmp_path / "b.pt")
     other = ReplayBuffer(capacity=1)
     other.load_state_dict(torch.load(tmp_path / "b.pt", weights_only=True))
     assert other.capacity == 3 and other.sampling == "deficit"
     assert [x.generated_ids for _, x in other.best(Q1)] == [[3, 4]] and other.size(Q2) == 1
-    assert [row[4] for rows in other.state_dict()["entries"].values() for row in rows] == [-7.0, None]
-    assert other.state_dict() == buf.state_dict()  # the policy's log-probabilities survive too
+    assert other.state_dict() == buf.state_dict()

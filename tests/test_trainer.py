@@ -141,20 +141,26 @@ def test_replay_buffer_is_filled_and_used(tokenizer):
     assert len(trainer.buffer) > 3
 
 
-def test_deficit_replay_weighs_each_stored_trajectory_by_the_current_policy(tokenizer):
+def test_deficit_replay_weighs_each_stored_trajectory_by_the_current_policy(tokenizer, monkeypatch):
     trainer = make_trainer(tokenizer, steps=3, p_replay=0.7, p_tempered=0.2, buffer_sampling="deficit", queries_per_step=3)
     trainer.seed_buffer([TrajectoryRecord(QUERY, [1, 10], [3, 4], [True, True])])
-    assert trainer.buffer.state_dict()["entries"][QUERY.key][0][4] is None  # not scored yet: replayed first
-    trainer.train()  # the policy moves; what the buffer knows of it must move along
+    trainer.train()  # the policy moves; the weights of replay must move along
     trainer.config.p_replay, trainer.config.p_tempered = 1.0, 0.0
+    given: dict[str, list[float]] = {}  # the log q each replayed query's draw was weighted with
+    draw = trainer.buffer.sample
+
+    def recording_draw(query, n, generator, log_probs):
+        given[query.key] = log_probs
+        return draw(query, n, generator, log_probs)
+
+    monkeypatch.setattr(trainer.buffer, "sample", recording_draw)
     replayed = {q.key: q for q in trainer.draw_micro_batch().traj.queries}
+    assert given.keys() == replayed.keys()
     for query in replayed.values():
-        stored = trainer.buffer.records(query)
-        traj = Trajectories.from_records(stored, trainer.pad_id, trainer.device)
+        traj = Trajectories.from_records(trainer.buffer.records(query), trainer.pad_id, trainer.device)
         with torch.no_grad(), eval_mode(trainer.model):
             expected = terminal_log_prob(*score_policy(trainer.model, traj, trainer.space), traj.lengths)
-        got = [row[4] for row in trainer.buffer.state_dict()["entries"][query.key]]
-        assert got == pytest.approx(expected.tolist(), abs=1e-5)
+        assert given[query.key] == pytest.approx(expected.tolist(), abs=1e-5)
     assert sum(trainer.buffer.size(q) for q in replayed.values()) > 1
 
 

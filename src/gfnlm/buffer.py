@@ -5,10 +5,10 @@ rewards are recomputed with the current reward temperature when they are trained
 buffer keeps the untempered terminal log-reward only to rank and to weight them.
 
 Replay draws are uniform, proportional to the reward, or by *deficit*: proportional to
-R(x) / q(τ), the reward over the policy's probability of the trajectory (the trainer rescores a
-query's stored trajectories with the current policy just before drawing from them: a value kept
-from an earlier step goes stale exactly when it matters, after the policy has lost an outcome it
-once liked, and then nothing would replay it). A perfect sampler has q(τ) = R(x) / Z, so deficits are
+R(x) / q(τ), the reward over the policy's probability of the trajectory. The caller passes
+q(τ) of the query's stored trajectories under the current policy with each draw; the buffer keeps
+none, since a value kept from an earlier step goes stale exactly when it matters, after the
+policy has lost an outcome it once liked, and then nothing would replay it. A perfect sampler has q(τ) = R(x) / Z, so deficits are
 equal and replay is uniform; an outcome the policy has all but lost (a valid integer it stopped
 writing, say) has a deficit orders of magnitude above the rest and is replayed until it gets its
 share back. On-policy samples rarely reach such outcomes again, which is why replay must.
@@ -32,15 +32,6 @@ class _Entry:
     prompt_ids: list[int]
     generated_ids: list[int]
     is_action: list[bool]
-    log_prob: float | None = None  # log q(τ ⊤) under the policy when last scored; None: not yet
-
-    def log_weight(self, sampling: str) -> float:
-        if sampling == "reward":
-            return self.log_reward
-        if sampling == "deficit":
-            # never scored: as under-sampled as anything stored, so it is tried soon
-            return self.log_reward - self.log_prob if self.log_prob is not None else float("inf")
-        return 0.0
 
 
 SAMPLING: tuple[str, ...] = get_args(BufferSampling)
@@ -89,23 +80,25 @@ class ReplayBuffer:
         entries = self._entries.get(query.key, [])
         return [TrajectoryRecord(query, e.prompt_ids, e.generated_ids, e.is_action) for e in entries]
 
-    def update_log_probs(self, records: Sequence[TrajectoryRecord], log_probs: Sequence[float]) -> None:
-        """Record the policy's current log q(τ ⊤) of stored trajectories (others are ignored)."""
-        for record, log_prob in zip(records, log_probs, strict=True):
-            for entry in self._entries.get(record.query.key, []):
-                if entry.generated_ids == record.generated_ids:
-                    entry.log_prob = float(log_prob)
-                    break
+    def sample(self, query: Query, n: int, generator: torch.Generator | None = None,
+               log_probs: Sequence[float] | None = None) -> list[TrajectoryRecord]:
+        """``n`` stored trajectories of ``query``, drawn with replacement.
 
-    def sample(self, query: Query, n: int, generator: torch.Generator | None = None) -> list[TrajectoryRecord]:
-        """``n`` stored trajectories of ``query``, drawn with replacement."""
+        ``log_probs``: the policy's current log q(τ ⊤) of each trajectory of ``records(query)``,
+        in that order; deficit sampling needs them, the others ignore them.
+        """
         entries = self._entries.get(query.key)
         if not entries:
             raise KeyError(f"the replay buffer holds nothing for query {query.prompt!r}")
-        log_weights = torch.tensor([e.log_weight(self.sampling) for e in entries], dtype=torch.float64)
-        unscored = torch.isposinf(log_weights)
-        weights = unscored.double() if unscored.any() else log_weights.softmax(0)
-        picks = torch.multinomial(weights, n, replacement=True, generator=generator).tolist()
+        log_rewards = torch.tensor([e.log_reward for e in entries], dtype=torch.float64)
+        if self.sampling == "deficit":
+            if log_probs is None or len(log_probs) != len(entries):
+                raise ValueError(f"deficit sampling needs the policy's log q of all {len(entries)} stored trajectories, "
+                                 f"got {None if log_probs is None else len(log_probs)}")
+            log_weights = log_rewards - torch.tensor(log_probs, dtype=torch.float64)
+        else:
+            log_weights = log_rewards if self.sampling == "reward" else torch.zeros_like(log_rewards)
+        picks = torch.multinomial(log_weights.softmax(0), n, replacement=True, generator=generator).tolist()
         stored = self.records(query)
         return [stored[i] for i in picks]
 
@@ -122,7 +115,7 @@ class ReplayBuffer:
             "capacity": self.capacity,
             "sampling": self.sampling,
             "entries": {
-                key: [[e.log_reward, e.prompt_ids, e.generated_ids, e.is_action, e.log_prob] for e in entries]
+                key: [[e.log_reward, e.prompt_ids, e.generated_ids, e.is_action] for e in entries]
                 for key, entries in self._entries.items()
             },
         }
@@ -130,7 +123,6 @@ class ReplayBuffer:
     def load_state_dict(self, state: dict) -> None:
         self.capacity, self.sampling = int(state["capacity"]), state["sampling"]
         self._entries = {
-            key: [_Entry(float(row[0]), list(row[1]), list(row[2]), [bool(a) for a in row[3]],
-                         None if len(row) < 5 or row[4] is None else float(row[4])) for row in rows]
+            key: [_Entry(float(row[0]), list(row[1]), list(row[2]), [bool(a) for a in row[3]]) for row in rows]
             for key, rows in state["entries"].items()
         }

@@ -439,9 +439,8 @@ class GFlowNetTrainer(Trainer):
             query = self.queries[i]
             u = float(torch.rand((), generator=self.generator))
             if u < c.p_replay and self.buffer.size(query) > 0:
-                if c.buffer_sampling == "deficit":
-                    self.rescore_buffer(query)
-                replayed += self.buffer.sample(query, c.samples_per_query, self.generator)
+                log_q = self.stored_log_probs(query) if c.buffer_sampling == "deficit" else None
+                replayed += self.buffer.sample(query, c.samples_per_query, self.generator, log_q)
                 continue
             if c.p_replay <= u < c.p_replay + c.p_base:
                 from_base += [query] * c.samples_per_query
@@ -470,19 +469,19 @@ class GFlowNetTrainer(Trainer):
         self.buffer.add(records, [v for v, is_fresh in zip(log_r_end.tolist(), fresh) if is_fresh])
 
     @torch.no_grad()
-    def rescore_buffer(self, query: Query, batch_size: int = 64) -> None:
+    def stored_log_probs(self, query: Query, batch_size: int = 64) -> list[float]:
         """The current policy's log q(τ ⊤) of every stored trajectory of ``query``, for deficit replay.
 
         One teacher-forced pass without gradients (and, like sampling, without dropout) over at most
         ``buffer_capacity`` trajectories, only on the steps that replay this query.
         """
-        records = self.buffer.records(query)
+        records, log_q = self.buffer.records(query), []
         for start in range(0, len(records), batch_size):
-            chunk = records[start : start + batch_size]
-            traj = Trajectories.from_records(chunk, self.pad_id, self.device)
+            traj = Trajectories.from_records(records[start : start + batch_size], self.pad_id, self.device)
             with eval_mode(self.model):
                 log_pf, log_pterm = score_policy(self.model, traj, self.space)  # [b, T], [b, T+1]
-            self.buffer.update_log_probs(chunk, terminal_log_prob(log_pf, log_pterm, traj.lengths).tolist())
+            log_q += terminal_log_prob(log_pf, log_pterm, traj.lengths).tolist()
+        return log_q
 
     def sample_records(self, queries: list[Query], temperature: float | list[float]) -> list[TrajectoryRecord]:
         return self.sample(queries, temperature).records()
