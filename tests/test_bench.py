@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import string
+import time
 
 import pytest
 import torch
@@ -12,7 +13,7 @@ import json
 
 from conftest import make_char_tokenizer, make_tiny_lm
 from test_arithmetic import PLAIN, WORKED
-from gfnlm.bench import BenchSettings, PeakMemory, StepPaths, cpu_memory_mb, run_bench
+from gfnlm.bench import BenchSettings, PeakMemory, StepPaths, cpu_memory_mb, op_profile, run_bench
 from gfnlm.config import TrainConfig
 from gfnlm.rewards import TextReward
 from gfnlm.tasks.arithmetic import ArithmeticOptions, ArithmeticTask, generate_problems
@@ -72,6 +73,20 @@ def test_peak_memory_sees_a_temporary_allocation():
         del x
     assert memory.peak_mb > 150
     assert cpu_memory_mb() > 0
+
+
+def test_op_profile_ranks_operators_not_python_scopes():
+    a = torch.randn(256, 256)
+
+    def step():
+        with torch.profiler.record_function("slow python scope"):
+            time.sleep(0.05)  # own time of the scope, no operator in it
+        (a @ a).sum()
+
+    ranked = op_profile(step, torch.device("cpu"), top=2)
+    assert [op["op"] for op in ranked][0] == "aten::mm"
+    assert all(op["op"].startswith("aten::") for op in ranked)
+    assert all(0 < op["share"] < 0.5 for op in ranked)  # the sleeping scope still counts in the total
 
 
 def test_bench_command_prints_a_parsable_summary(tmp_path):

@@ -192,7 +192,13 @@ def measure_peak(fn: Callable[[], object], device: torch.device) -> float:
 
 
 def op_profile(fn: Callable[[], object], device: torch.device, top: int) -> list[dict]:
-    """The ``top`` operators by own time (device time on CUDA) in one call of ``fn``, with their share."""
+    """The ``top`` operators by own time (device time on CUDA) in one call of ``fn``, with their share.
+
+    On CPU only ``aten::`` operators are ranked: the profiler also times scopes such as
+    ``Optimizer.step#AdamW.step`` or ``autograd::engine::evaluate_function``, whose own time is the
+    Python and dispatch overhead between operators, not an operator to optimise. On CUDA the ranked
+    events are the kernels. Shares stay fractions of all recorded own time.
+    """
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -202,7 +208,8 @@ def op_profile(fn: Callable[[], object], device: torch.device, top: int) -> list
     events = prof.key_averages()
     own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # microseconds
     total = sum(own(e) for e in events) or 1.0
-    ranked = sorted(events, key=own, reverse=True)[:top]
+    operators = [e for e in events if cuda or e.key.startswith("aten::")]
+    ranked = sorted(operators, key=own, reverse=True)[:top]
     return [{"op": e.key, "share": own(e) / total, "seconds": own(e) / 1e6, "calls": e.count} for e in ranked]
 
 
