@@ -84,7 +84,7 @@ def test_op_profile_ranks_operators_not_python_scopes():
         (a @ a).sum()
 
     ranked = op_profile(step, torch.device("cpu"), top=2)
-    assert [op["op"] for op in ranked][0] == "aten::mm"
+    assert ranked[0]["op"] == "aten::mm"
     assert all(op["op"].startswith("aten::") for op in ranked)
     assert all(0 < op["share"] < 0.5 for op in ranked)  # the sleeping scope still counts in the total
 

@@ -106,9 +106,9 @@ def action_log_probs(model, hidden: Tensor, traj: Trajectories, space: ActionSpa
     """State hidden states [B, T+1, H] -> the policy's log q(z_{i+1} | s_i) [B, T] and log q(⊤ | s_i) [B, T+1].
 
     The output head and the log-softmax over the vocabulary run only at the states each
-    trajectory reaches (i <= n_b), not at the states past its end that batching pads in (work
-    saved, though on SmolLM2 arithmetic the step time did not change measurably: the decoder
-    body dominates). Entries past n_b are 0.
+    trajectory reaches (i <= n_b), not at the states past its end that batching pads in (less
+    work, though not a measurable speed-up: the decoder body dominates the step). Entries past
+    n_b are 0.
     """
     batch, num_states, _ = hidden.shape
     state = torch.arange(num_states, device=hidden.device).expand(batch, -1)  # [B, T+1]
