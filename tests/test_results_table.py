@@ -1,0 +1,72 @@
+"""scripts/results_table.py: the README tables come from run folders, grouped and averaged right."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "results_table.py"
+
+
+@pytest.fixture(scope="module")
+def results_table():
+    spec = importlib.util.spec_from_file_location("results_table", SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def write_eval(folder: Path, **result) -> None:
+    folder.mkdir(parents=True)
+    (folder / "eval.json").write_text(json.dumps(result))
+
+
+def rows(markdown: str) -> dict[str, list[str]]:
+    """Table body as {first cell: other cells}."""
+    body = [line.strip("| ").split(" | ") for line in markdown.splitlines()[2:]]
+    return {cells[0]: cells[1:] for cells in body}
+
+
+def test_subjectivity_table_averages_seeds_and_keeps_the_ablation_rows(tmp_path, results_table):
+    write_eval(tmp_path / "zero-shot", accuracy=0.61, n_reviews=100)
+    write_eval(tmp_path / "n10" / "gfn-seed0", accuracy=0.70, n_reviews=100, train_steps=60)
+    write_eval(tmp_path / "n10" / "gfn-seed1", accuracy=0.60, n_reviews=100, train_steps=60)
+    write_eval(tmp_path / "n20" / "gfn-seed0", accuracy=0.80, n_reviews=100, train_steps=60)
+    write_eval(tmp_path / "n10" / "gfn-noseed-seed0", accuracy=0.55, n_reviews=100, train_steps=60)
+    write_eval(tmp_path / "n10" / "gfn-noseed-noagg-seed0", accuracy=0.52, n_reviews=100)
+    write_eval(tmp_path / "n10" / "unknown-seed0", accuracy=0.99, n_reviews=100)
+
+    table = rows(results_table.subjectivity_table(tmp_path))
+
+    assert list(table) == ["zero-shot prompting", "GFlowNet fine-tuning", "GFlowNet, (-) seed buffer",
+                           "GFlowNet, (-) seed buffer (-) aggregating"]
+    assert table["zero-shot prompting"][:3] == ["61.0", "61.0", "1"]  # no training: same figure per column
+    assert table["GFlowNet fine-tuning"][:4] == ["65.0 ± 7.1", "80.0", "2", "60"]
+    assert table["GFlowNet, (-) seed buffer"][:2] == ["55.0", "-"]
+    assert table["GFlowNet, (-) seed buffer (-) aggregating"][:2] == ["52.0", "-"]
+
+
+def test_arithmetic_table_names_methods_and_seed_counts(tmp_path, results_table):
+    for seed, accuracy in ((0, 0.9), (1, 0.7)):
+        write_eval(tmp_path / f"gfn-seed{seed}" / "eval-3ops", method="gfn", operands=3, accuracy=accuracy,
+                   train_steps=26, samples_per_step=64, train_minutes=29.1)
+    write_eval(tmp_path / "gfn-seeds10" / "eval-3ops", method="gfn", operands=3, accuracy=0.4, seed_rationales=10)
+    write_eval(tmp_path / "prompting-0" / "eval-3ops", method="prompting", operands=3, accuracy=0.1, shots=0)
+    write_eval(tmp_path / "prompting-0" / "eval-5ops", method="prompting", operands=5, accuracy=0.0, shots=0)
+
+    table = rows(results_table.arithmetic_table(tmp_path))
+
+    assert table["GFlowNet fine-tuning"][:3] == ["80.0 ± 14.1", "-", "2"]
+    assert table["GFlowNet fine-tuning"][3] == "26 x 64 / 29.1 min; 26 x 64 / 29.1 min"
+    assert table["GFlowNet, 10 seed rationales"][:2] == ["40.0", "-"]
+    assert table["0-shot prompting (step by step)"][:2] == ["10.0", "0.0"]
+
+
+def test_replace_section_rewrites_only_its_block_and_refuses_a_missing_one(tmp_path, results_table):
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- results:a -->\nold\n<!-- /results:a -->\noutro\n")
+    results_table.replace_section(readme, "a", "new")
+    assert readme.read_text() == "intro\n<!-- results:a -->\nnew\n<!-- /results:a -->\noutro\n"
+    with pytest.raises(SystemExit, match="no <!-- results:b -->"):
+        results_table.replace_section(readme, "b", "x")
