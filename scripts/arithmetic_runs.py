@@ -5,6 +5,7 @@ GFlowNet, SFT and PPO policies within a time budget each, evaluates them and k-s
 of the base model on every test set, and writes one eval.json per (run, test set):
     OUT/data/test-{3,4,5}ops.json
     OUT/{gfn,sft,ppo}-seed{S}/            run directories (config.yaml, metrics.jsonl, checkpoints/)
+    OUT/{GFN_NAME}-seed{S}/               a GFlowNet variant (--gfn-name with --gfn-settings)
     OUT/<run>/eval-{K}ops/eval.json       accuracy etc. (+ predictions.jsonl)
     OUT/prompting-k{K}-seed{S}/eval-...   k-shot prompting with shuffle seed S
 Everything runs in one process (the model loads once per run). Rerunning skips finished
@@ -24,7 +25,7 @@ import yaml
 
 from gfnlm.baselines.ppo import PPOConfig
 from gfnlm.cli import RunSettings, build_trainer, load_for_eval, write_json
-from gfnlm.config import TrainConfig, apply_settings
+from gfnlm.config import TrainConfig, apply_settings, parse_overrides
 from gfnlm.models import DEFAULT_MODEL, load_model_and_tokenizer
 from gfnlm.tasks.arithmetic import ZERO_SHOT_CUE, ArithmeticOptions, ArithmeticTask, generate_problems, load_problems
 
@@ -69,7 +70,11 @@ def evaluate_all(model, tokenizer, run_dir: Path, files: dict[int, Path], option
 
 
 def train_run(args, method: str, seed: int, files: dict[int, Path], seed_rationales: int = 50,
-              name: str | None = None) -> None:
+              name: str | None = None, settings: dict[str, str] | None = None) -> None:
+    """Train one policy within its time budget, then evaluate it on every test set.
+
+    ``settings`` override the method's training settings or the task's options (a variant's
+    settings are recorded in its eval.json, so the results table can name the row)."""
     run_dir = args.out / (name or f"{method}-seed{seed}")
     if all((run_dir / f"eval-{k}ops" / "eval.json").is_file() for k in files):
         return
@@ -77,8 +82,10 @@ def train_run(args, method: str, seed: int, files: dict[int, Path], seed_rationa
     apply_settings([train], {**COMMON, **TRAIN_SETTINGS[method], "seed": seed, "device": args.device,
                              "time_limit_minutes": args.minutes[method]})
     options = {"seed_rationales": seed_rationales, "eval_batch_questions": args.eval_batch_questions}
+    task_options = ArithmeticOptions(**options)
+    apply_settings([train, task_options], settings or {})
     model, tokenizer = load_model_and_tokenizer(args.model)
-    task = ArithmeticTask(ArithmeticOptions(**options), tokenizer)
+    task = ArithmeticTask(task_options, tokenizer)
     ppo = PPOConfig()
     apply_settings([ppo], {"ppo_reward": "log"})  # log p(X Z Y) is -5 to -80: exp() would give no signal
     run = RunSettings(args.model, "arithmetic", method, train, task.options, ppo)
@@ -89,7 +96,8 @@ def train_run(args, method: str, seed: int, files: dict[int, Path], seed_rationa
     trainer.train(resume=trainer.latest_checkpoint() is not None)
     minutes = (time.perf_counter() - started) / 60
     extra = {"method": method, "seed": seed, "seed_rationales": seed_rationales, "train_steps": trainer.step,
-             "train_minutes": minutes, "samples_per_step": train.queries_per_step * train.samples_per_query}
+             "train_minutes": minutes, "samples_per_step": train.queries_per_step * train.samples_per_query,
+             "settings": settings or {}}
     evaluate_all(trainer.model, tokenizer, run_dir, files, options, method, extra)
 
 
@@ -116,12 +124,21 @@ def main() -> None:
                         help='training time per method, JSON, e.g. \'{"gfn": 4, "sft": 1, "ppo": 2}\'')
     parser.add_argument("--eval-batch-questions", type=int, default=50)
     parser.add_argument("--ablation", nargs="*", type=int, default=[], help="seed-rationale counts (Table E.3)")
+    parser.add_argument("--gfn-settings", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="GFlowNet training settings or task options for a variant, e.g. p_replay=0.5")
+    parser.add_argument("--gfn-name", default="gfn", help="run-folder prefix of the GFlowNet runs (name a variant)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     files = make_test_sets(args.out, args.n_test)
+    if malformed := [s for s in args.gfn_settings if "=" not in s]:
+        parser.error(f"--gfn-settings takes KEY=VALUE, got {malformed}")
+    gfn_settings = parse_overrides([f"--{s}" for s in args.gfn_settings])
     for method in args.methods:
         for seed in args.seeds:
-            train_run(args, method, seed, files)
+            if method == "gfn":
+                train_run(args, method, seed, files, name=f"{args.gfn_name}-seed{seed}", settings=gfn_settings)
+            else:
+                train_run(args, method, seed, files)
     if args.shots:
         prompting_runs(args, files)
     for count in args.ablation:

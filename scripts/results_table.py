@@ -73,6 +73,8 @@ def arithmetic_table(root: Path) -> str:
             name = f"GFlowNet, {r['seed_rationales']} seed rationales"
         else:
             name = {"gfn": "GFlowNet fine-tuning", "sft": "supervised fine-tuning", "ppo": "PPO"}[r["method"]]
+            if r.get("settings"):  # a variant: its settings name the row (file paths by their file name)
+                name += " (" + ", ".join(f"{k}={Path(str(v)).name}" for k, v in r["settings"].items()) + ")"
         groups.setdefault(name, {}).setdefault(r["operands"], []).append(r["accuracy"])
         if "train_steps" in r and r["operands"] == 3:
             budget.setdefault(name, []).append(f"{r['train_steps']} x {r['samples_per_step']} / {r['train_minutes']:.1f} min")
