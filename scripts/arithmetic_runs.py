@@ -25,7 +25,7 @@ import yaml
 
 from gfnlm.baselines.ppo import PPOConfig
 from gfnlm.cli import RunSettings, build_trainer, load_for_eval, write_json
-from gfnlm.config import TrainConfig, apply_settings, parse_overrides
+from gfnlm.config import ConfigError, TrainConfig, apply_settings, parse_key_values
 from gfnlm.models import DEFAULT_MODEL, load_model_and_tokenizer
 from gfnlm.tasks.arithmetic import ZERO_SHOT_CUE, ArithmeticOptions, ArithmeticTask, generate_problems, load_problems
 
@@ -130,9 +130,10 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     files = make_test_sets(args.out, args.n_test)
-    if malformed := [s for s in args.gfn_settings if "=" not in s]:
-        parser.error(f"--gfn-settings takes KEY=VALUE, got {malformed}")
-    gfn_settings = parse_overrides([f"--{s}" for s in args.gfn_settings])
+    try:
+        gfn_settings = parse_key_values(args.gfn_settings)
+    except ConfigError as error:
+        parser.error(f"--gfn-settings: {error}")
     for method in args.methods:
         for seed in args.seeds:
             if method == "gfn":

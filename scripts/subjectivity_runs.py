@@ -20,6 +20,7 @@ import logging
 from pathlib import Path
 
 from gfnlm.cli import main as gfnlm
+from gfnlm.config import ConfigError, parse_key_values
 
 SFT = ["--steps", "50", "--warmup_steps", "10", "--queries_per_step", "8", "--samples_per_query", "1"]
 """SFT and EM's M-step: 400 examples seen (the paper: 100 steps x 256), within CPU reach."""
@@ -63,11 +64,10 @@ def main() -> None:
     gfn = ["--steps", str(args.gfn_steps), "--warmup_steps", "10", "--queries_per_step", "4",
            "--samples_per_query", str(args.gfn_samples), "--reward_temp_horizon", str(max(1, 2 * args.gfn_steps // 3)),
            "--save_every", "10"]
-    for setting in args.gfn_settings:
-        key, sep, value = setting.partition("=")
-        if not sep:
-            parser.error(f"--gfn-settings takes KEY=VALUE, got {setting!r}")
-        gfn += [f"--{key}", value]
+    try:
+        gfn += [word for key, value in parse_key_values(args.gfn_settings).items() for word in (f"--{key}", value)]
+    except ConfigError as error:
+        parser.error(f"--gfn-settings: {error}")
     if "prompting" in args.methods:
         run(["eval", "--method", "prompting", "--label", "zero-shot prompting", *common], args.out / "zero-shot")
     if "gfn" in args.methods:  # what the GFlowNet starts from: the base model's own rationales, then its answers

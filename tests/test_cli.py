@@ -8,7 +8,7 @@ import yaml
 from conftest import make_char_tokenizer, make_tiny_lm
 
 from gfnlm.cli import build_parser, main
-from gfnlm.config import ConfigError, TrainConfig, apply_settings, parse_overrides
+from gfnlm.config import ConfigError, TrainConfig, apply_settings, parse_key_values, parse_overrides
 
 TINY_RUN = ["--task", "random-number", "--prompt", "1+2", "--high", "20", "--max_len", "3", "--steps", "3",
             "--samples_per_query", "4", "--lora_rank", "2", "--eval_samples", "50", "--save_every", "2",
@@ -87,6 +87,9 @@ def test_yaml_and_overrides(tmp_path):
     assert run.train.lora_target_modules == ["q_proj", "v_proj"]
     with pytest.raises(ConfigError, match="needs a value"):
         parse_overrides(["--lr"])
+    assert parse_key_values(["lr=1e-3", "p-replay=0.5"]) == {"lr": "1e-3", "p_replay": "0.5"}
+    with pytest.raises(ConfigError, match=r"KEY=VALUE, got \['lr'\]"):
+        parse_key_values(["lr"])
     config = TrainConfig()
     apply_settings([config], {"progress": "no", "lora_target_modules": "all-linear"})
     assert config.progress is False and config.lora_target_modules == "all-linear"

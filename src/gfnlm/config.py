@@ -216,6 +216,13 @@ def parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
+def parse_key_values(pairs: list[str]) -> dict[str, str]:
+    """``['lr=1e-3', 'max-len=5']`` -> ``{'lr': '1e-3', 'max_len': '5'}``: settings given as KEY=VALUE words."""
+    if malformed := [pair for pair in pairs if "=" not in pair]:
+        raise ConfigError(f"settings take KEY=VALUE, got {malformed}")
+    return parse_overrides([f"--{pair}" for pair in pairs])
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
