@@ -129,11 +129,11 @@ def main() -> None:
     parser.add_argument("--gfn-name", default="gfn", help="run-folder prefix of the GFlowNet runs (name a variant)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    files = make_test_sets(args.out, args.n_test)
     try:
         gfn_settings = parse_key_values(args.gfn_settings)
     except ConfigError as error:
         parser.error(f"--gfn-settings: {error}")
+    files = make_test_sets(args.out, args.n_test)
     for method in args.methods:
         for seed in args.seeds:
             if method == "gfn":
