@@ -69,6 +69,28 @@ def test_log_z_starts_at_each_querys_first_estimate(tokenizer):
     torch.testing.assert_close(trainer.log_z.detach(), torch.tensor([-3.25, 0.0, -4.25]))
 
 
+@pytest.mark.parametrize("log_z_init", ["estimate", "zero"])
+def test_log_z_is_estimated_from_on_policy_samples_only(tokenizer, monkeypatch, log_z_init):
+    """Replayed seeds (the policy finds them unlikely, the reward likely) would put log Z far too high."""
+    trainer = make_trainer(tokenizer, loss="tb", log_z_init=log_z_init, p_replay=1.0, p_tempered=0.0,
+                           queries_per_step=3)
+    trainer.seed_buffer([TrajectoryRecord(q, [1, 10], [3, 4], [True, True]) for q in QUERIES])
+    temperatures = []
+    sample = trainer.sample_records
+    monkeypatch.setattr(trainer, "sample_records", lambda qs, t: temperatures.append(t) or sample(qs, t))
+    first = trainer.draw_micro_batch()
+    if log_z_init == "zero":  # log Z is learned from 0: nothing to estimate, replay from the start
+        assert not first.fresh.any()
+        return
+    assert first.fresh.all() and set(temperatures[0]) == {1.0}
+    trainer.loss(first, 1.0)
+    seen = {trainer.query_index[q.key] for q in first.traj.queries}
+    assert trainer.log_z_ready.tolist() == [i in seen for i in range(len(QUERIES))]
+    later = trainer.draw_micro_batch()
+    for query, fresh in zip(later.traj.queries, later.fresh.tolist()):
+        assert fresh == (trainer.query_index[query.key] not in seen)  # estimated queries are replayed
+
+
 def test_fresh_run_refuses_a_used_output_dir(tokenizer, tmp_path):
     make_trainer(tokenizer, tmp_path, steps=2).train()
     with pytest.raises(FileExistsError, match="--resume"):

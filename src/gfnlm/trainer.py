@@ -370,6 +370,10 @@ class GFlowNetTrainer(Trainer):
         ready = state.get("log_z_ready", torch.ones_like(self.log_z_ready))  # older checkpoints: already learning
         self.log_z_ready.copy_(ready.to(self.device))
 
+    def awaits_log_z_estimate(self, query: int) -> bool:
+        """Whether query number ``query`` has a log Z still to be estimated from its first samples."""
+        return self.learns_log_z and self.config.log_z_init == "estimate" and not bool(self.log_z_ready[query])
+
     @torch.no_grad()
     def initialise_log_z(self, index: Tensor, log_r_end: Tensor, log_q: Tensor) -> None:
         """Set log Z of queries seen for the first time to mean(log R(x) - log P_F(τ ⊤)) over their trajectories.
@@ -383,6 +387,11 @@ class GFlowNetTrainer(Trainer):
         tail of the vocabulary, where rewards are lowest (measured: SmolLM2 on subjectivity, mean
         log-reward -52 -> -653 in 32 steps at lr 5e-4). The estimate is exact once the policy matches the
         target; on-policy it is a lower bound, useless when nearly every first sample gets the floor.
+        Off-policy it is no estimate at all, so a query's first micro-batch is always drawn from the
+        untempered policy (``draw_micro_batch``). Estimated from replayed worked rationales, which
+        the policy gives log q near -16 but the reward log R near -7, log Z started at up to +10,
+        above its bound log p(X | demonstrations) < 0 (measured: SmolLM2 on arithmetic, half the
+        queries in a 21-step run); every sampled rationale then looked too likely.
         """
         new = ~self.log_z_ready[index]  # [B]
         if not bool(new.any()):
@@ -438,6 +447,8 @@ class GFlowNetTrainer(Trainer):
         for i in picks:
             query = self.queries[i]
             u = float(torch.rand((), generator=self.generator))
+            if self.awaits_log_z_estimate(i):
+                u = 1.0  # its first samples are on-policy: only they estimate log Z (``initialise_log_z``)
             if u < c.p_replay and self.buffer.size(query) > 0:
                 log_q = self.stored_log_probs(query) if c.buffer_sampling == "deficit" else None
                 replayed += self.buffer.sample(query, c.samples_per_query, self.generator, log_q)
