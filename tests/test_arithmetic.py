@@ -12,7 +12,7 @@ import torch
 from conftest import make_char_tokenizer, make_tiny_lm
 from gfnlm.cli import main
 from gfnlm.rewards import LMSuffixReward
-from gfnlm.tasks.arithmetic import ArithmeticOptions, ArithmeticTask, generate_problems, load_problems
+from gfnlm.tasks.arithmetic import ArithmeticOptions, ArithmeticTask, calls_histogram, generate_problems, load_problems
 from gfnlm.trajectories import Trajectories
 
 WORKED = [
@@ -133,6 +133,13 @@ def test_evaluate_votes_and_counts_unparsable_answers(task, tmp_path):
         assert p["prediction"] == (max(parsed, key=parsed.count) if parsed else None)
     assert result["unparsable_answers"] == sum(p["unparsable"] for p in predictions)
     assert result["n_correct"] == sum(p["correct"] for p in predictions)
+    assert sum(result["calculator_calls"].values()) == 2 * 3
+
+
+def test_calls_histogram_counts_equals_per_rationale():
+    rationales = [" 7 - 8 = -1", " 7 - 8 = -1, -1 + 7 = 6", " 1000", " 7 - 8 = -1, -1 + 7 = 6, 6 ="]
+    assert calls_histogram(rationales) == {0: 1, 1: 1, 2: 1, 3: 1}
+    assert list(calls_histogram([" 1 =", " 1", " 2 = 2"])) == [0, 1]  # sorted keys
 
 
 def test_answer_completion_parses_the_first_integer(task, monkeypatch):

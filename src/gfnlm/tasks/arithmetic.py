@@ -292,6 +292,7 @@ class ArithmeticTask(Task):
             "n_correct": correct,
             "unparsable_answers": sum(p["unparsable"] for p in predictions),
             "questions_without_answer": sum(p["prediction"] is None for p in predictions),
+            "calculator_calls": calls_histogram([z for p in predictions for z in p["rationales"]]),
             "test_file": str(source),
             "shots": o.shots,
             "eval_samples": o.eval_samples,
@@ -301,6 +302,15 @@ class ArithmeticTask(Task):
             output_dir.mkdir(parents=True, exist_ok=True)
             (output_dir / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
         return result
+
+
+def calls_histogram(rationales: list[str]) -> dict[int, int]:
+    """How many rationales call the calculator (write "=") 0, 1, 2, ... times.
+
+    A chain over k operands needs k - 1 calls; a policy that stops after the first call, or never
+    calls, shows here at a glance.
+    """
+    return dict(sorted(Counter(z.count("=") for z in rationales).items()))
 
 
 def _vote(problem: Problem, rationales: list[str], answers: list[int | None]) -> dict:
