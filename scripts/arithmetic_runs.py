@@ -95,7 +95,7 @@ def train_run(args, method: str, seed: int, files: dict[int, Path], seed_rationa
     started = time.perf_counter()
     trainer.train(resume=trainer.latest_checkpoint() is not None)
     minutes = (time.perf_counter() - started) / 60
-    extra = {"method": method, "seed": seed, "seed_rationales": seed_rationales, "train_steps": trainer.step,
+    extra = {"method": method, "seed": seed, "seed_rationales": task.options.seed_rationales, "train_steps": trainer.step,
              "train_minutes": minutes, "samples_per_step": train.queries_per_step * train.samples_per_query,
              "settings": settings or {}}
     evaluate_all(trainer.model, tokenizer, run_dir, files, options, method, extra)
