@@ -42,6 +42,8 @@ DATA_DIR = "../shared/data/arithmetic"
 RATIONALE_TOKEN = re.compile(r" ?[0-9+\-=,]| ")
 """Text of a token the rationale may use: one digit, operator, "=" or ",", optionally after a space."""
 _INTEGER = re.compile(r"-?\d+")
+_TOOL_RESULT = re.compile(r"= (-?\d+)")
+"""A calculator result as it stands in a rationale: "=" followed by the inserted " <value>"."""
 ZERO_SHOT_CUE = "Let us think step by step."
 DEFAULT_TRAIN_EVAL_QUESTIONS = 100
 
@@ -293,6 +295,9 @@ class ArithmeticTask(Task):
             "unparsable_answers": sum(p["unparsable"] for p in predictions),
             "questions_without_answer": sum(p["prediction"] is None for p in predictions),
             "calculator_calls": calls_histogram([z for p in predictions for z in p["rationales"]]),
+            # the vote over each rationale's last calculator result: the chain's own answer, before
+            # the LM completes Y (the gap to ``accuracy`` is what the answer completion loses or adds)
+            "chain_accuracy": sum(p["chain_correct"] for p in predictions) / n if n else None,
             "test_file": str(source),
             "shots": o.shots,
             "eval_samples": o.eval_samples,
@@ -313,15 +318,26 @@ def calls_histogram(rationales: list[str]) -> dict[int, int]:
     return dict(sorted(Counter(z.count("=") for z in rationales).items()))
 
 
+def last_tool_result(rationale: str) -> int | None:
+    """The value the calculator inserted last in ``rationale``, or None if it inserted none."""
+    results = _TOOL_RESULT.findall(rationale)
+    return int(results[-1]) if results else None
+
+
+def _majority(values: list[int | None]) -> int | None:
+    votes = Counter(v for v in values if v is not None)
+    return votes.most_common(1)[0][0] if votes else None
+
+
 def _vote(problem: Problem, rationales: list[str], answers: list[int | None]) -> dict:
     """Majority vote over one question's sampled answers; no parsable answer counts as wrong."""
-    votes = Counter(a for a in answers if a is not None)
-    prediction = votes.most_common(1)[0][0] if votes else None
+    prediction = _majority(answers)
     return {
         "question": problem.question,
         "answer": problem.answer,
         "prediction": prediction,
         "correct": prediction == problem.answer,
+        "chain_correct": _majority([last_tool_result(z) for z in rationales]) == problem.answer,
         "unparsable": sum(a is None for a in answers),
         "rationales": rationales,
         "answers": answers,
