@@ -144,7 +144,7 @@ def test_chain_answer_is_the_last_calculator_result():
     assert last_tool_result(" 1000") is None
 
 
-def test_calls_histogram_counts_equals_per_rationale():
+def test_calls_histogram_counts_the_calls_per_rationale():
     rationales = [" 7 - 8 = -1", " 7 - 8 = -1, -1 + 7 = 6", " 1000", " 7 - 8 = -1, -1 + 7 = 6, 6 ="]
     assert calls_histogram(rationales) == {0: 1, 1: 1, 2: 1, 3: 1}
     assert list(calls_histogram([" 1 =", " 1", " 2 = 2"])) == [0, 1]  # sorted keys
