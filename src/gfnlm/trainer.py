@@ -370,9 +370,14 @@ class GFlowNetTrainer(Trainer):
         ready = state.get("log_z_ready", torch.ones_like(self.log_z_ready))  # older checkpoints: already learning
         self.log_z_ready.copy_(ready.to(self.device))
 
+    @property
+    def estimates_log_z(self) -> bool:
+        """Whether each query's log Z starts at an estimate from its first samples (``initialise_log_z``)."""
+        return self.learns_log_z and self.config.log_z_init == "estimate"
+
     def awaits_log_z_estimate(self, query: int) -> bool:
         """Whether query number ``query`` has a log Z still to be estimated from its first samples."""
-        return self.learns_log_z and self.config.log_z_init == "estimate" and not bool(self.log_z_ready[query])
+        return self.estimates_log_z and not bool(self.log_z_ready[query])
 
     @torch.no_grad()
     def initialise_log_z(self, index: Tensor, log_r_end: Tensor, log_q: Tensor) -> None:
@@ -504,7 +509,7 @@ class GFlowNetTrainer(Trainer):
         log_r = batch.log_r.to(log_pf.device) / reward_temperature
         lengths = traj.lengths
         index = torch.tensor([self.query_index[q.key] for q in traj.queries], device=self.device)
-        if self.learns_log_z and self.config.log_z_init == "estimate":
+        if self.estimates_log_z:
             log_q = terminal_log_prob(log_pf.detach(), log_pterm.detach(), lengths)  # [B]
             self.initialise_log_z(index, self._terminal(log_r, traj), log_q)
         log_z = self.log_z[index]  # [B]
