@@ -8,6 +8,7 @@ of the base model on every test set, and writes one eval.json per (run, test set
     OUT/{GFN_NAME}-seed{S}/               a GFlowNet variant (--gfn-name with --gfn-settings)
     OUT/<run>/eval-{K}ops/eval.json       accuracy etc. (+ predictions.jsonl)
     OUT/prompting-k{K}-seed{S}/eval-...   k-shot prompting with shuffle seed S
+    OUT/{GFN_NAME}-seeds{N}/              --ablation: the GFlowNet runs with N seed rationales
 Everything runs in one process (the model loads once per run). Rerunning skips finished
 evaluations and resumes unfinished training. The README table comes from
     python3 scripts/results_table.py --arithmetic OUT --readme README.md --section arithmetic
@@ -133,6 +134,8 @@ def main() -> None:
         gfn_settings = parse_key_values(args.gfn_settings)
     except ConfigError as error:
         parser.error(f"--gfn-settings: {error}")
+    if args.ablation and "seed_rationales" in gfn_settings:
+        parser.error("--ablation sets seed_rationales itself: leave it out of --gfn-settings")
     files = make_test_sets(args.out, args.n_test)
     for method in args.methods:
         for seed in args.seeds:
@@ -142,8 +145,9 @@ def main() -> None:
                 train_run(args, method, seed, files)
     if args.shots:
         prompting_runs(args, files)
-    for count in args.ablation:
-        train_run(args, "gfn", args.seeds[0], files, seed_rationales=count, name=f"gfn-seeds{count}")
+    for count in args.ablation:  # of the GFlowNet row's settings, the variant's if one is named
+        train_run(args, "gfn", args.seeds[0], files, seed_rationales=count, name=f"{args.gfn_name}-seeds{count}",
+                  settings=gfn_settings)
 
 
 if __name__ == "__main__":

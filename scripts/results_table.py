@@ -69,12 +69,12 @@ def arithmetic_table(root: Path) -> str:
         r = json.loads(path.read_text())
         if r["method"] == "prompting":
             name = f"{r['shots']}-shot prompting" + (" (step by step)" if r["shots"] == 0 else "")
-        elif path.parent.parent.name.startswith("gfn-seeds"):
-            name = f"GFlowNet, {r['seed_rationales']} seed rationales"
         else:
             name = {"gfn": "GFlowNet fine-tuning", "sft": "supervised fine-tuning", "ppo": "PPO"}[r["method"]]
             if r.get("settings"):  # a variant: its settings name the row (file paths by their file name)
                 name += " (" + ", ".join(f"{k}={Path(str(v)).name}" for k, v in r["settings"].items()) + ")"
+            if re.search(r"-seeds\d+$", path.parent.parent.name):  # the seed-rationale ablation (Table E.3)
+                name += f", {r['seed_rationales']} seed rationales"
         groups.setdefault(name, {}).setdefault(r["operands"], []).append(r["accuracy"])
         if "train_steps" in r and r["operands"] == 3:
             budget.setdefault(name, []).append(f"{r['train_steps']} x {r['samples_per_step']} / {r['train_minutes']:.1f} min")

@@ -54,6 +54,8 @@ def test_arithmetic_table_names_methods_and_seed_counts(tmp_path, results_table)
     write_eval(tmp_path / "gfn-seeds10" / "eval-3ops", method="gfn", operands=3, accuracy=0.4, seed_rationales=10)
     write_eval(tmp_path / "gfn-worked-seed0" / "eval-3ops", method="gfn", operands=3, accuracy=0.5,
                settings={"p_replay": "0.5", "train_file": "../data/train_50.json"})
+    write_eval(tmp_path / "gfn-worked-seeds0" / "eval-3ops", method="gfn", operands=3, accuracy=0.3,
+               seed_rationales=0, settings={"p_replay": "0.5"})
     write_eval(tmp_path / "prompting-0" / "eval-3ops", method="prompting", operands=3, accuracy=0.1, shots=0)
     write_eval(tmp_path / "prompting-0" / "eval-5ops", method="prompting", operands=5, accuracy=0.0, shots=0)
 
@@ -61,7 +63,8 @@ def test_arithmetic_table_names_methods_and_seed_counts(tmp_path, results_table)
 
     assert table["GFlowNet fine-tuning"][:3] == ["80.0 ± 14.1", "-", "2"]
     assert table["GFlowNet fine-tuning"][3] == "26 x 64 / 29.1 min; 26 x 64 / 29.1 min"
-    assert table["GFlowNet, 10 seed rationales"][:2] == ["40.0", "-"]
+    assert table["GFlowNet fine-tuning, 10 seed rationales"][:2] == ["40.0", "-"]
+    assert table["GFlowNet fine-tuning (p_replay=0.5), 0 seed rationales"][:2] == ["30.0", "-"]
     assert table["GFlowNet fine-tuning (p_replay=0.5, train_file=train_50.json)"][:2] == ["50.0", "-"]
     assert table["0-shot prompting (step by step)"][:2] == ["10.0", "0.0"]
 
