@@ -162,6 +162,18 @@ def test_prompting_puts_shuffled_examples_in_the_policy_prompt(task):
     assert prompt.count("The answer is") == 2 and prompt.endswith(task.worked[0].question + " Think.")
 
 
+def test_gfn_runs_get_table_e2_reward_tempering_unless_overridden():
+    from gfnlm.cli import build_parser, resolve_settings
+
+    args = build_parser().parse_args(["train", "--output-dir", "x", "--task", "arithmetic", "--method", "gfn"])
+    train = resolve_settings(args, ["--reward_temp_horizon", "40"]).train
+    assert (train.reward_temp_start, train.reward_temp_end, train.reward_temp_horizon) == (1.1, 0.5, 40)
+    assert train.log_z_init == "estimate"
+    sft = resolve_settings(build_parser().parse_args(["train", "--output-dir", "x", "--task", "arithmetic",
+                                                      "--method", "sft"]), []).train
+    assert (sft.reward_temp_start, sft.reward_temp_horizon) == (1.0, 0)
+
+
 def test_cli_data_command_writes_disjoint_questions(tmp_path, files, capsys):
     worked, plain = files
     out = tmp_path / "test3.json"

@@ -175,12 +175,15 @@ class ArithmeticTask(Task):
 
     @classmethod
     def method_settings(cls, method: str, settings: dict) -> dict:
-        """Zero-shot prompting appends the chain-of-thought cue (paper §4.4); GFlowNet runs start log Z
-        at its first estimate (log p(X Z Y | demonstrations) is -20 to -60, far from 0)."""
+        """Zero-shot prompting appends the chain-of-thought cue (paper §4.4). GFlowNet runs anneal the
+        reward temperature as in Table E.2 (1.1 -> 0.5 over 150 steps; its behaviour-policy
+        temperatures 0.5-2 and buffer capacity 50 are the library's defaults) and start log Z at its
+        first estimate (log p(X Z Y | demonstrations) is -20 to -60, far from 0)."""
         if method == "prompting" and int(settings.get("shots", 0)) == 0:
             return {"cue": ZERO_SHOT_CUE}
         if method == "gfn":
-            return {"log_z_init": "estimate"}
+            return {"reward_temp_start": 1.1, "reward_temp_end": 0.5, "reward_temp_horizon": 150,
+                    "log_z_init": "estimate"}
         return {}
 
     # ----------------------------------------------------------------- the engine's inputs
