@@ -91,6 +91,24 @@ def test_log_z_is_estimated_from_on_policy_samples_only(tokenizer, monkeypatch, 
         assert fresh == (trainer.query_index[query.key] not in seen)  # estimated queries are replayed
 
 
+def test_a_query_with_nothing_to_replay_is_sampled_on_policy_not_tempered(tokenizer, monkeypatch):
+    trainer = make_trainer(tokenizer, loss="tb", p_replay=1.0, p_tempered=0.0, queries_per_step=3)
+    temperatures = []
+    sample = trainer.sample_records
+    monkeypatch.setattr(trainer, "sample_records", lambda qs, t: temperatures.append(t) or sample(qs, t))
+    batch = trainer.draw_micro_batch()  # the buffer is empty
+    assert batch.fresh.all() and set(temperatures[0]) == {1.0}
+
+
+def test_weight_decay_leaves_log_z_alone(tokenizer):
+    trainer = make_trainer(tokenizer, loss="tb", weight_decay=0.5, lr=1e-2)
+    with torch.no_grad():
+        trainer.log_z.fill_(-30.0)
+    trainer.log_z.grad = torch.zeros_like(trainer.log_z)
+    trainer.optimizer.step()  # a zero gradient: only weight decay could move log Z
+    assert torch.equal(trainer.log_z.detach(), torch.full_like(trainer.log_z, -30.0))
+
+
 def test_fresh_run_refuses_a_used_output_dir(tokenizer, tmp_path):
     make_trainer(tokenizer, tmp_path, steps=2).train()
     with pytest.raises(FileExistsError, match="--resume"):

@@ -67,7 +67,8 @@ class TrainConfig:
     reward_temp_start: float = setting(1.0, "Reward temperature at step 0: the target is R^(1/temperature).")
     reward_temp_end: float = setting(1.0, "Reward temperature after the annealing horizon.")
     reward_temp_horizon: int = setting(0, "Steps over which the reward temperature moves linearly from start to end.")
-    p_replay: float = setting(0.25, "Probability that a query's samples come from the replay buffer.")
+    p_replay: float = setting(0.25, "Probability that a query's samples come from the replay buffer "
+                                   "(on-policy while its buffer is empty).")
     p_tempered: float = setting(0.5, "Probability that a query's samples come from the tempered policy (else on-policy).")
     p_base: float = setting(
         0.0, "Probability that a query's samples come from the base model (LoRA off): exploration that keeps "

@@ -357,7 +357,8 @@ class GFlowNetTrainer(Trainer):
         return self.config.loss == "tb" or self.space.min_len > 0
 
     def extra_parameters(self) -> list[dict]:
-        return [{"params": [self.log_z], "lr": self.config.log_z_lr}] if self.learns_log_z else []
+        # no weight decay: log Z sits at -5 to -60 for LM rewards, and decay would pull it towards 0
+        return [{"params": [self.log_z], "lr": self.config.log_z_lr, "weight_decay": 0.0}] if self.learns_log_z else []
 
     def extra_state(self) -> dict:
         return {"buffer": self.buffer.state_dict(), "log_z": self.log_z.detach().cpu(),
@@ -454,7 +455,9 @@ class GFlowNetTrainer(Trainer):
             u = float(torch.rand((), generator=self.generator))
             if self.awaits_log_z_estimate(i):
                 u = 1.0  # its first samples are on-policy: only they estimate log Z (``initialise_log_z``)
-            if u < c.p_replay and self.buffer.size(query) > 0:
+            elif u < c.p_replay and self.buffer.size(query) == 0:
+                u = 1.0  # nothing to replay yet: on-policy, so that the tempered share stays p_tempered
+            if u < c.p_replay:
                 log_q = self.stored_log_probs(query) if c.buffer_sampling == "deficit" else None
                 replayed += self.buffer.sample(query, c.samples_per_query, self.generator, log_q)
                 continue
