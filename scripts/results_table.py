@@ -11,7 +11,8 @@ wall time from metrics.jsonl) and, with --readme, replaces the lines between
     python scripts/results_table.py --arithmetic runs/arith --readme README.md --section arithmetic
 
 builds the arithmetic table (paper Table 4) from ``scripts/arithmetic_runs.py``'s output: accuracy
-in % on 3, 4 and 5 operands, mean ± std over seeds (shuffles for k-shot prompting).
+in % on 3, 4 and 5 operands, mean ± std over seeds (shuffles for k-shot prompting), and the
+accuracy of the chains' own answers (the last calculator result) beside it.
 
     python scripts/results_table.py --bench runs/bench/cpu.json runs/bench/gpu.json --readme README.md --section bench
 
@@ -62,8 +63,11 @@ def _mean_std(values: list[float]) -> str:
 
 
 def arithmetic_table(root: Path) -> str:
-    """Rows: methods (and seed-rationale counts); columns: accuracy per operand count over seeds."""
+    """Rows: methods (and seed-rationale counts); columns: accuracy per operand count over seeds,
+    then the same for the chain's own answer (``chain_accuracy``: the last calculator result,
+    before the base LM completes Y), where the eval.json files have it."""
     groups: dict[str, dict[int, list[float]]] = {}
+    chains: dict[str, dict[int, list[float]]] = {}
     budget: dict[str, list[str]] = {}
     for path in sorted(root.glob("*/eval-*ops/eval.json")):
         r = json.loads(path.read_text())
@@ -76,15 +80,20 @@ def arithmetic_table(root: Path) -> str:
             if re.search(r"-seeds\d+$", path.parent.parent.name):  # the seed-rationale ablation (Table E.3)
                 name += f", {r['seed_rationales']} seed rationales"
         groups.setdefault(name, {}).setdefault(r["operands"], []).append(r["accuracy"])
+        if r.get("chain_accuracy") is not None:
+            chains.setdefault(name, {}).setdefault(r["operands"], []).append(r["chain_accuracy"])
         if "train_steps" in r and r["operands"] == 3:
             budget.setdefault(name, []).append(f"{r['train_steps']} x {r['samples_per_step']} / {r['train_minutes']:.1f} min")
     operands = sorted({k for g in groups.values() for k in g})
-    header = ["method", *(f"{k} operands" for k in operands), "n seeds", "training (steps x samples / time)"]
+    chain_operands = operands if chains else []
+    header = ["method", *(f"{k} operands" for k in operands), *(f"chain, {k} operands" for k in chain_operands),
+              "n seeds", "training (steps x samples / time)"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = sorted(groups, key=lambda n: (n.startswith("GFlowNet"), "prompting" not in n,
                                           int(n.split("-")[0]) if n[0].isdigit() else 0, n))
     for name in order:
         cells = [_mean_std(groups[name][k]) if k in groups[name] else "-" for k in operands]
+        cells += [_mean_std(chains[name][k]) if k in chains.get(name, {}) else "-" for k in chain_operands]
         seeds = max(len(v) for v in groups[name].values())
         lines.append("| " + " | ".join([name, *cells, str(seeds), "; ".join(budget.get(name, ["-"]))]) + " |")
     return "\n".join(lines)

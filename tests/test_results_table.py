@@ -56,17 +56,19 @@ def test_arithmetic_table_names_methods_and_seed_counts(tmp_path, results_table)
                settings={"p_replay": "0.5", "train_file": "../data/train_50.json"})
     write_eval(tmp_path / "gfn-worked-seeds0" / "eval-3ops", method="gfn", operands=3, accuracy=0.3,
                seed_rationales=0, settings={"p_replay": "0.5"})
-    write_eval(tmp_path / "prompting-0" / "eval-3ops", method="prompting", operands=3, accuracy=0.1, shots=0)
+    write_eval(tmp_path / "prompting-0" / "eval-3ops", method="prompting", operands=3, accuracy=0.1, shots=0,
+               chain_accuracy=0.25)
     write_eval(tmp_path / "prompting-0" / "eval-5ops", method="prompting", operands=5, accuracy=0.0, shots=0)
 
     table = rows(results_table.arithmetic_table(tmp_path))
 
-    assert table["GFlowNet fine-tuning"][:3] == ["80.0 ± 14.1", "-", "2"]
-    assert table["GFlowNet fine-tuning"][3] == "26 x 64 / 29.1 min; 26 x 64 / 29.1 min"
+    # columns: accuracy at 3 and 5 operands, then the chains' own accuracy at 3 and 5 operands
+    assert table["GFlowNet fine-tuning"][:5] == ["80.0 ± 14.1", "-", "-", "-", "2"]
+    assert table["GFlowNet fine-tuning"][5] == "26 x 64 / 29.1 min; 26 x 64 / 29.1 min"
     assert table["GFlowNet fine-tuning, 10 seed rationales"][:2] == ["40.0", "-"]
     assert table["GFlowNet fine-tuning (p_replay=0.5), 0 seed rationales"][:2] == ["30.0", "-"]
     assert table["GFlowNet fine-tuning (p_replay=0.5, train_file=train_50.json)"][:2] == ["50.0", "-"]
-    assert table["0-shot prompting (step by step)"][:2] == ["10.0", "0.0"]
+    assert table["0-shot prompting (step by step)"][:4] == ["10.0", "0.0", "25.0", "-"]
 
 
 def test_replace_section_rewrites_only_its_block_and_refuses_a_missing_one(tmp_path, results_table):
