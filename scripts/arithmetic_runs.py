@@ -9,9 +9,13 @@ of the base model on every test set, and writes one eval.json per (run, test set
     OUT/<run>/eval-{K}ops/eval.json       accuracy etc. (+ predictions.jsonl)
     OUT/prompting-k{K}-seed{S}/eval-...   k-shot prompting with shuffle seed S
     OUT/{GFN_NAME}-seeds{N}/              --ablation: the GFlowNet runs with N seed rationales
+    OUT/{GFN_NAME}-seed{S}/curve/step-{N}/eval-{K}ops/eval.json
+                                          --curve: every saved checkpoint of the GFlowNet runs
 Everything runs in one process (the model loads once per run). Rerunning skips finished
 evaluations and resumes unfinished training. The README table comes from
     python3 scripts/results_table.py --arithmetic OUT --readme README.md --section arithmetic
+and the learning curve (a table, and a figure with --figure) from
+    python3 scripts/results_table.py --arithmetic-curve OUT/{GFN_NAME}-seed0 --figure OUT/curve.png
 """
 
 from __future__ import annotations
@@ -81,6 +85,8 @@ def train_run(args, method: str, seed: int, files: dict[int, Path], seed_rationa
     train = TrainConfig()
     apply_settings([train], {**COMMON, **ArithmeticTask.method_settings(method, {}), **TRAIN_SETTINGS[method],
                              "seed": seed, "device": args.device, "time_limit_minutes": args.minutes[method]})
+    if args.curve and method == "gfn":
+        train.keep_checkpoints = 10**6  # every one, for curve_runs
     options = {"seed_rationales": seed_rationales, "eval_batch_questions": args.eval_batch_questions}
     task_options = ArithmeticOptions(**options)
     apply_settings([train, task_options], settings or {})
@@ -99,6 +105,21 @@ def train_run(args, method: str, seed: int, files: dict[int, Path], seed_rationa
              "train_minutes": minutes, "samples_per_step": train.queries_per_step * train.samples_per_query,
              "settings": settings or {}}
     evaluate_all(trainer.model, tokenizer, run_dir, files, options, method, extra)
+
+
+def curve_runs(args, files: dict[int, Path], settings: dict[str, str]) -> None:
+    """Evaluate every saved checkpoint of the GFlowNet runs: accuracy against training steps."""
+    for seed in args.seeds:
+        run_dir = args.out / f"{args.gfn_name}-seed{seed}"
+        for checkpoint in sorted(run_dir.glob("checkpoints/step-*/adapter")):
+            step = int(checkpoint.parent.name.removeprefix("step-"))
+            out = run_dir / "curve" / f"step-{step}"
+            if all((out / f"eval-{k}ops" / "eval.json").is_file() for k in files):
+                continue
+            model, tokenizer = load_for_eval(args.model, str(checkpoint), args.device)
+            options = {"eval_batch_questions": args.eval_batch_questions}
+            extra = {"method": "gfn", "seed": seed, "train_steps": step, "settings": settings}
+            evaluate_all(model, tokenizer, out, files, options, f"gfn step {step}", extra)
 
 
 def prompting_runs(args, files: dict[int, Path]) -> None:
@@ -127,6 +148,8 @@ def main() -> None:
     parser.add_argument("--gfn-settings", nargs="*", default=[], metavar="KEY=VALUE",
                         help="GFlowNet training settings or task options for a variant, e.g. p_replay=0.5")
     parser.add_argument("--gfn-name", default="gfn", help="run-folder prefix of the GFlowNet runs (name a variant)")
+    parser.add_argument("--curve", action="store_true",
+                        help="keep and evaluate every GFlowNet checkpoint (every 25 steps, 76 MB each on the embedded model)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     try:
@@ -142,6 +165,8 @@ def main() -> None:
                 train_run(args, method, seed, files, name=f"{args.gfn_name}-seed{seed}", settings=gfn_settings)
             else:
                 train_run(args, method, seed, files)
+    if args.curve:
+        curve_runs(args, files, gfn_settings)
     if args.shots:
         prompting_runs(args, files)
     for count in args.ablation:  # of the GFlowNet row's settings, the variant's if one is named

@@ -14,6 +14,11 @@ builds the arithmetic table (paper Table 4) from ``scripts/arithmetic_runs.py``'
 in % on 3, 4 and 5 operands, mean ± std over seeds (shuffles for k-shot prompting), and the
 accuracy of the chains' own answers (the last calculator result) beside it.
 
+    python scripts/results_table.py --arithmetic-curve runs/arith/gfn-seed0 --figure runs/arith/curve.png
+
+tabulates (and draws) a GFlowNet run's accuracy against training steps, from its checkpoints'
+evaluations (``arithmetic_runs.py --curve``).
+
     python scripts/results_table.py --bench runs/bench/cpu.json runs/bench/gpu.json --readme README.md --section bench
 
 builds the benchmark table from ``gfnlm bench --output`` files.
@@ -99,6 +104,28 @@ def arithmetic_table(root: Path) -> str:
     return "\n".join(lines)
 
 
+def arithmetic_curve(run: Path) -> dict[int, dict[int, tuple[float, float | None]]]:
+    """{step: {operands: (accuracy, chain accuracy)}} from ``arithmetic_runs.py --curve``'s folders."""
+    points: dict[int, dict[int, tuple[float, float | None]]] = {}
+    for path in run.glob("curve/step-*/eval-*ops/eval.json"):
+        r = json.loads(path.read_text())
+        points.setdefault(r["train_steps"], {})[r["operands"]] = (r["accuracy"], r.get("chain_accuracy"))
+    if not points:
+        raise SystemExit(f"{run} has no curve/step-*/eval-*ops/eval.json: run scripts/arithmetic_runs.py --curve")
+    return dict(sorted(points.items()))
+
+
+def arithmetic_curve_table(points: dict[int, dict[int, tuple[float, float | None]]]) -> str:
+    """Rows: training steps; columns: accuracy, then the chains' own accuracy, per operand count (%)."""
+    operands = sorted({k for row in points.values() for k in row})
+    header = ["step", *(f"{k} operands" for k in operands), *(f"chain, {k} operands" for k in operands)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for step, row in points.items():
+        cells = [f"{100 * row[k][i]:.0f}" if k in row and row[k][i] is not None else "-" for i in (0, 1) for k in operands]
+        lines.append("| " + " | ".join([str(step), *cells]) + " |")
+    return "\n".join(lines)
+
+
 SUBJECTIVITY_ROWS = {  # run-name prefix -> row name, in the paper's order
     "prompting": "few-shot prompting",
     "sft-lr1e-3": "supervised fine-tuning, lr 1e-3",
@@ -177,11 +204,20 @@ def main() -> None:
     parser.add_argument("--arithmetic", type=Path, help="output folder of scripts/arithmetic_runs.py")
     parser.add_argument("--bench", nargs="*", type=Path, help="JSON files of gfnlm bench --output")
     parser.add_argument("--subjectivity", type=Path, help="output folder of scripts/subjectivity_runs.py")
+    parser.add_argument("--arithmetic-curve", type=Path, help="a GFlowNet run of scripts/arithmetic_runs.py --curve")
+    parser.add_argument("--figure", type=Path, help="with --arithmetic-curve: also draw the curve into this PNG")
     parser.add_argument("--readme", type=Path)
     parser.add_argument("--section", default="random-number")
     args = parser.parse_args()
     if args.arithmetic:
         content = arithmetic_table(args.arithmetic)
+    elif args.arithmetic_curve:
+        points = arithmetic_curve(args.arithmetic_curve)
+        content = arithmetic_curve_table(points)
+        if args.figure:
+            from gfnlm.plots import accuracy_curve
+
+            print(f"figure: {accuracy_curve(points, args.figure, args.arithmetic_curve.name)}")
     elif args.subjectivity:
         content = subjectivity_table(args.subjectivity)
     elif args.bench:

@@ -78,3 +78,23 @@ def test_replace_section_rewrites_only_its_block_and_refuses_a_missing_one(tmp_p
     assert readme.read_text() == "intro\n<!-- results:a -->\nnew\n<!-- /results:a -->\noutro\n"
     with pytest.raises(SystemExit, match="no <!-- results:b -->"):
         results_table.replace_section(readme, "b", "x")
+
+
+def test_arithmetic_curve_orders_steps_and_draws_a_figure(tmp_path, results_table):
+    run = tmp_path / "gfn-seed0"
+    for step, accuracy in ((50, 0.5), (25, 0.25)):
+        for operands in (3, 5):
+            write_eval(run / "curve" / f"step-{step}" / f"eval-{operands}ops", operands=operands, train_steps=step,
+                       accuracy=accuracy / (operands - 2), chain_accuracy=accuracy if operands == 3 else None)
+
+    points = results_table.arithmetic_curve(run)
+    table = rows(results_table.arithmetic_curve_table(points))
+
+    assert list(table) == ["25", "50"]
+    assert table["50"] == ["50", "17", "50", "-"]  # accuracy at 3 and 5 operands, then the chains'
+    from gfnlm.plots import accuracy_curve
+
+    figure = accuracy_curve(points, tmp_path / "curve.png", run.name)
+    assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(SystemExit, match="--curve"):
+        results_table.arithmetic_curve(tmp_path / "empty")
