@@ -16,14 +16,15 @@ def test_gfn_fine_tuning_teaches_the_embedded_model_to_write_digits(tmp_path):
     task = RandomNumberTask(RandomNumberOptions(low=0, high=9, max_len=2), tokenizer)
     before = task.evaluate(model, n_samples=0)
     config = TrainConfig(steps=30, queries_per_step=1, samples_per_query=16, lr=3e-3, lr_decay="cosine", lora_rank=8, lora_alpha=16,
-                         log_z_lr=0.02, pf_temp_max=1.2, progress=False, save_every=10)
+                         log_z_lr=0.02, pf_temp_max=1.2, progress=False, save_every=10, buffer_sampling="deficit")
     trainer = GFlowNetTrainer(model, tokenizer, task.reward(model), task.train_queries(), task.action_space(), config,
                               output_dir=tmp_path)
     trainer.train()
     after = task.evaluate(trainer.model, n_samples=0)
     assert after["valid_mass"] > max(0.5, 100 * before["valid_mass"])
-    # not collapsed onto one or two digits: uniform mass on two of the ten gives KL = log 5 = 1.61.
-    # (30 steps leave the spread to chance: 1.05 here on 2026-11-27, below 0.35 on an earlier CI
-    # machine, 2.3 at an older commit on this one; the demo's 200 steps reach 0.001.)
-    assert after["kl"] < 1.6
+    # close to uniform over the ten digits. Deficit replay (the demo's setting) brings back the
+    # digits the policy drops: measured 2026-11-29, KL 0.000 / 0.004 / 0.001 / 0.008 for seeds 0-3.
+    # With uniform replay 30 steps left the spread to chance (seed 0 collapsed onto "1" and "2",
+    # KL 1.63; seeds 1 and 2 reached 0.08 and 0.09).
+    assert after["kl"] < 0.1
     assert (tmp_path / "checkpoints").is_dir()
