@@ -104,9 +104,12 @@ def arithmetic_table(root: Path) -> str:
     return "\n".join(lines)
 
 
-def arithmetic_curve(run: Path) -> dict[int, dict[int, tuple[float, float | None]]]:
-    """{step: {operands: (accuracy, chain accuracy)}} from ``arithmetic_runs.py --curve``'s folders."""
-    points: dict[int, dict[int, tuple[float, float | None]]] = {}
+CurvePoints = dict[int, dict[int, tuple[float, float | None]]]  # {step: {operands: (accuracy, chain accuracy)}}
+
+
+def arithmetic_curve(run: Path) -> CurvePoints:
+    """A GFlowNet run's accuracy per checkpoint, from ``arithmetic_runs.py --curve``'s folders."""
+    points: CurvePoints = {}
     for path in run.glob("curve/step-*/eval-*ops/eval.json"):
         r = json.loads(path.read_text())
         points.setdefault(r["train_steps"], {})[r["operands"]] = (r["accuracy"], r.get("chain_accuracy"))
@@ -115,7 +118,7 @@ def arithmetic_curve(run: Path) -> dict[int, dict[int, tuple[float, float | None
     return dict(sorted(points.items()))
 
 
-def arithmetic_curve_table(points: dict[int, dict[int, tuple[float, float | None]]]) -> str:
+def arithmetic_curve_table(points: CurvePoints) -> str:
     """Rows: training steps; columns: accuracy, then the chains' own accuracy, per operand count (%)."""
     operands = sorted({k for row in points.values() for k in row})
     header = ["step", *(f"{k} operands" for k in operands), *(f"chain, {k} operands" for k in operands)]
