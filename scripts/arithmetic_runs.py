@@ -109,6 +109,7 @@ def train_run(args, method: str, seed: int, files: dict[int, Path], seed_rationa
 
 def curve_runs(args, files: dict[int, Path], settings: dict[str, str]) -> None:
     """Evaluate every saved checkpoint of the GFlowNet runs: accuracy against training steps."""
+    options = {"eval_batch_questions": args.eval_batch_questions}
     for seed in args.seeds:
         run_dir = args.out / f"{args.gfn_name}-seed{seed}"
         for checkpoint in sorted(run_dir.glob("checkpoints/step-*/adapter")):
@@ -117,7 +118,6 @@ def curve_runs(args, files: dict[int, Path], settings: dict[str, str]) -> None:
             if all((out / f"eval-{k}ops" / "eval.json").is_file() for k in files):
                 continue
             model, tokenizer = load_for_eval(args.model, str(checkpoint), args.device)
-            options = {"eval_batch_questions": args.eval_batch_questions}
             extra = {"method": "gfn", "seed": seed, "train_steps": step, "settings": settings}
             evaluate_all(model, tokenizer, out, files, options, f"gfn step {step}", extra)
 

@@ -31,6 +31,14 @@ def read_metrics(path):
     return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
 
 
+def record_sampling_temperatures(trainer, monkeypatch) -> list:
+    """Each call to ``trainer.sample_records`` appends its per-sample temperatures to the returned list."""
+    temperatures = []
+    sample = trainer.sample_records
+    monkeypatch.setattr(trainer, "sample_records", lambda qs, t: temperatures.append(t) or sample(qs, t))
+    return temperatures
+
+
 @pytest.mark.parametrize("loss", ["subtb", "tb"])  # tb learns log Z: its per-query first-visit state is saved too
 def test_kill_and_resume_gives_identical_metrics(tokenizer, tmp_path, loss):
     whole = make_trainer(tokenizer, tmp_path / "whole", loss=loss, log_z_init="estimate")
@@ -75,9 +83,7 @@ def test_log_z_is_estimated_from_on_policy_samples_only(tokenizer, monkeypatch, 
     trainer = make_trainer(tokenizer, loss="tb", log_z_init=log_z_init, p_replay=1.0, p_tempered=0.0,
                            queries_per_step=3)
     trainer.seed_buffer([TrajectoryRecord(q, [1, 10], [3, 4], [True, True]) for q in QUERIES])
-    temperatures = []
-    sample = trainer.sample_records
-    monkeypatch.setattr(trainer, "sample_records", lambda qs, t: temperatures.append(t) or sample(qs, t))
+    temperatures = record_sampling_temperatures(trainer, monkeypatch)
     first = trainer.draw_micro_batch()
     if log_z_init == "zero":  # log Z is learned from 0: nothing to estimate, replay from the start
         assert not first.fresh.any()
@@ -93,9 +99,7 @@ def test_log_z_is_estimated_from_on_policy_samples_only(tokenizer, monkeypatch, 
 
 def test_a_query_with_nothing_to_replay_is_sampled_on_policy_not_tempered(tokenizer, monkeypatch):
     trainer = make_trainer(tokenizer, loss="tb", p_replay=1.0, p_tempered=0.0, queries_per_step=3)
-    temperatures = []
-    sample = trainer.sample_records
-    monkeypatch.setattr(trainer, "sample_records", lambda qs, t: temperatures.append(t) or sample(qs, t))
+    temperatures = record_sampling_temperatures(trainer, monkeypatch)
     batch = trainer.draw_micro_batch()  # the buffer is empty
     assert batch.fresh.all() and set(temperatures[0]) == {1.0}
 
