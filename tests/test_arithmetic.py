@@ -11,7 +11,7 @@ import torch
 
 from conftest import make_char_tokenizer, make_tiny_lm
 from gfnlm.cli import main
-from gfnlm.rewards import LMSuffixReward
+from gfnlm.rewards import LMSuffixReward, lm_prefix_log_likelihoods
 from gfnlm.tasks.arithmetic import (ArithmeticOptions, ArithmeticTask, calls_histogram, generate_problems,
                                    last_tool_result, load_problems)
 from gfnlm.trajectories import Trajectories
@@ -119,6 +119,18 @@ def test_reward_is_conditioned_on_the_demonstrations(task):
     assert torch.isfinite(with_demos).all()
     assert not torch.allclose(with_demos, without, atol=1e-3)
     assert task.reward_context(model) is task.reward_context(model)  # computed once
+
+
+def test_reward_prior_weight_tempers_only_the_rationale_prior(task):
+    """R = p(Z | X)^w p(Y | X Z): lowering w moves each prefix's reward by (1 - w) times its prior."""
+    model = make_tiny_lm(seed=2, vocab_size=len(task.tokenizer))
+    traj = Trajectories.from_records(task.seed_records(None, torch.Generator()), task.tokenizer.pad_token_id)
+    joint = task.reward(model)(traj)
+    task.options.reward_prior_weight = 0.25
+    tempered = task.reward(model)(traj)
+    prior = lm_prefix_log_likelihoods(model, traj, context=task.reward_context(model))
+    for b, n in enumerate(traj.lengths.tolist()):
+        torch.testing.assert_close(tempered[b, : n + 1], joint[b, : n + 1] - 0.75 * prior[b, : n + 1], atol=1e-4, rtol=1e-5)
 
 
 def test_evaluate_votes_and_counts_unparsable_answers(task, tmp_path):

@@ -47,9 +47,14 @@ def test_suffix_reward_matches_per_prefix_passes(tiny_lm, tokenizer, batch):
     # the reward objects agree with the function and validate their output
     reward = LMSuffixReward(tiny_lm, tokenizer)(batch)
     torch.testing.assert_close(reward[0, :5], fast[0, :5])
-    likelihood_only = LMSuffixReward(tiny_lm, tokenizer, include_prior=False)(batch)
     prior = lm_prefix_log_likelihoods(tiny_lm, batch)
-    torch.testing.assert_close(likelihood_only[1, :3], (fast - prior)[1, :3], atol=1e-5, rtol=1e-5)
+    for weight in (0.0, 0.5):  # w log p(s_i | X) + log p(Y | X s_i), from the same single pass
+        tempered = LMSuffixReward(tiny_lm, tokenizer, prior_weight=weight)(batch)
+        for b, n in enumerate(batch.lengths.tolist()):
+            expected = fast[b, : n + 1] - (1 - weight) * prior[b, : n + 1]
+            torch.testing.assert_close(tempered[b, : n + 1], expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="prior_weight"):
+        LMSuffixReward(tiny_lm, tokenizer, prior_weight=-1.0)
 
 
 def test_suffix_reward_scores_only_real_tokens_of_reached_states(tiny_lm, tokenizer, batch):

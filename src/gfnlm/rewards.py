@@ -144,12 +144,14 @@ def lm_prefix_log_likelihoods(
     suffix_ids: Sequence[Sequence[int]] | None = None,
     pad_token_id: int = 0,
     context: SharedContext | None = None,
+    prior_weight: float = 1.0,
 ) -> Tensor:
-    """For every state s_i: log p(s_i | X) [+ log p(⊤ | s_i)] [+ log p(Y | s_i)], in one pass. [B, T+1].
+    """For every state s_i: w log p(s_i | X) [+ log p(⊤ | s_i)] [+ log p(Y | s_i)], in one pass. [B, T+1].
 
     log p(s_i | X) counts every generated token of the state, tool insertions included, so the
     reward is the likelihood of the text the model actually sees. With ``context`` (e.g. k-shot
     demonstrations, cached once) every probability is also conditioned on the context before X.
+    ``prior_weight`` w scales the prior term (1: the joint; 0: the likelihood of the stop / Y only).
     """
     batch, width = traj.input_ids.shape
     start = traj.prompt_len - 1  # first column whose logits are needed
@@ -181,7 +183,7 @@ def lm_prefix_log_likelihoods(
     # log p(s_i | X): cumulative log-prob of the real generated tokens up to the state's last column
     token_lp = next_lp[:, : width - 1 - start] * traj.attention_mask[:, traj.prompt_len :]  # [B, G]
     cumulative = torch.cat([token_lp.new_zeros(batch, 1), token_lp.cumsum(dim=1)], dim=1)  # [B, G+1]
-    log_r = cumulative.gather(1, state_cols - start)  # [B, T+1]
+    log_r = prior_weight * cumulative.gather(1, state_cols - start)  # [B, T+1]
 
     # at each state: the stop tokens and Y's first token
     candidates = list(stop_token_ids or [])
@@ -264,8 +266,10 @@ class LMStopReward:
 class LMSuffixReward:
     """log R(s_i ⊤) = log p_LM(s_i Y | X): the posterior target p_LM(Z | X, Y) ∝ p_LM(X Z Y).
 
-    ``suffix`` maps a query to the text Y (default: ``query.target``). With
-    ``include_prior=False`` only log p_LM(Y | X s_i) is kept (a likelihood-only reward). With
+    ``suffix`` maps a query to the text Y (default: ``query.target``). ``prior_weight`` w < 1
+    targets p_LM(Z | X)^w p_LM(Y | X Z) instead: w = 0 keeps only the likelihood of Y, and values
+    in between let a small LM's preference for short rationales weigh less against getting Y
+    right (a tempered prior; the paper's posterior is w = 1). With
     ``context`` (e.g. k-shot demonstrations) the reward is conditioned on it too,
     p_LM(X Z Y | context) up to a constant per query; its computation is cached once.
     """
@@ -275,12 +279,14 @@ class LMSuffixReward:
         model,
         tokenizer,
         suffix: Callable[[Query], str] | None = None,
-        include_prior: bool = True,
+        prior_weight: float = 1.0,
         context: SharedContext | None = None,
     ):
+        if prior_weight < 0:
+            raise ValueError(f"prior_weight must be non-negative, got {prior_weight}")
         self.model, self.tokenizer = model, tokenizer
         self.suffix = suffix or _query_target
-        self.include_prior = include_prior
+        self.prior_weight = prior_weight
         self.context = context
 
     def __call__(self, traj: Trajectories) -> Tensor:
@@ -288,10 +294,8 @@ class LMSuffixReward:
         with adapter_disabled(self.model), eval_mode(self.model):
             log_r = lm_prefix_log_likelihoods(
                 self.model, traj, suffix_ids=suffix_ids, pad_token_id=self.tokenizer.pad_token_id or 0,
-                context=self.context,
+                context=self.context, prior_weight=self.prior_weight,
             )
-            if not self.include_prior:
-                log_r = log_r - lm_prefix_log_likelihoods(self.model, traj, context=self.context)
         return check_log_rewards(log_r, traj, type(self).__name__)
 
 
