@@ -133,9 +133,10 @@ def test_reward_prior_weight_tempers_only_the_rationale_prior(task):
         torch.testing.assert_close(tempered[b, : n + 1], joint[b, : n + 1] - 0.75 * prior[b, : n + 1], atol=1e-4, rtol=1e-5)
 
 
-def test_evaluate_votes_and_counts_unparsable_answers(task, tmp_path):
+def test_evaluate_votes_and_counts_unparsable_answers(task, tmp_path, caplog):
     model = make_tiny_lm(seed=3, vocab_size=len(task.tokenizer))
     result = task.evaluate(model, tmp_path, "tiny")
+    assert "evaluating on training questions" in caplog.text  # no test_file: said, not silent
     assert result["n_questions"] == 2 and result["eval_samples"] == 3
     predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert len(predictions) == 2

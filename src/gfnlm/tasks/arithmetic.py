@@ -18,6 +18,7 @@ Data files are JSON lists (or JSON lines) in the paper's release format: ``str_q
 from __future__ import annotations
 
 import json
+import logging
 import random
 import re
 from collections import Counter
@@ -45,6 +46,7 @@ _INTEGER = re.compile(r"-?\d+")
 _TOOL_RESULT = re.compile(r"= (-?\d+)")
 """A calculator result as it stands in a rationale: "=" followed by the inserted " <value>"."""
 ZERO_SHOT_CUE = "Let us think step by step."
+logger = logging.getLogger("gfnlm")
 DEFAULT_TRAIN_EVAL_QUESTIONS = 100
 
 
@@ -254,6 +256,8 @@ class ArithmeticTask(Task):
     def test_problems(self) -> tuple[str, list[Problem]]:
         o = self.options
         source = o.test_file or o.train_file
+        if o.test_file is None:
+            logger.warning("no test_file given: evaluating on training questions from %s", source)
         problems = self._test_set if o.test_file is not None else load_problems(source)
         limit = o.eval_questions if o.eval_questions is not None or o.test_file else DEFAULT_TRAIN_EVAL_QUESTIONS
         return source, problems[:limit]
