@@ -118,14 +118,16 @@ def arithmetic_curve(run: Path) -> CurvePoints:
     return dict(sorted(points.items()))
 
 
-def arithmetic_curve_table(points: CurvePoints) -> str:
-    """Rows: training steps; columns: accuracy, then the chains' own accuracy, per operand count (%)."""
-    operands = sorted({k for row in points.values() for k in row})
-    header = ["step", *(f"{k} operands" for k in operands), *(f"chain, {k} operands" for k in operands)]
+def arithmetic_curve_table(curves: dict[str, CurvePoints]) -> str:
+    """Rows: runs, then training steps; columns: accuracy, then the chains' own accuracy, per operand count (%)."""
+    operands = sorted({k for points in curves.values() for row in points.values() for k in row})
+    header = ["run", "step", *(f"{k} operands" for k in operands), *(f"chain, {k} operands" for k in operands)]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for step, row in points.items():
-        cells = [f"{100 * row[k][i]:.0f}" if k in row and row[k][i] is not None else "-" for i in (0, 1) for k in operands]
-        lines.append("| " + " | ".join([str(step), *cells]) + " |")
+    for name, points in curves.items():
+        for step, row in points.items():
+            cells = [f"{100 * row[k][i]:.0f}" if k in row and row[k][i] is not None else "-"
+                     for i in (0, 1) for k in operands]
+            lines.append("| " + " | ".join([name, str(step), *cells]) + " |")
     return "\n".join(lines)
 
 
@@ -207,20 +209,21 @@ def main() -> None:
     parser.add_argument("--arithmetic", type=Path, help="output folder of scripts/arithmetic_runs.py")
     parser.add_argument("--bench", nargs="*", type=Path, help="JSON files of gfnlm bench --output")
     parser.add_argument("--subjectivity", type=Path, help="output folder of scripts/subjectivity_runs.py")
-    parser.add_argument("--arithmetic-curve", type=Path, help="a GFlowNet run of scripts/arithmetic_runs.py --curve")
-    parser.add_argument("--figure", type=Path, help="with --arithmetic-curve: also draw the curve into this PNG")
+    parser.add_argument("--arithmetic-curve", nargs="+", type=Path, metavar="RUN",
+                        help="GFlowNet runs of scripts/arithmetic_runs.py --curve (one table, one figure panel each)")
+    parser.add_argument("--figure", type=Path, help="with --arithmetic-curve: also draw the curves into this PNG")
     parser.add_argument("--readme", type=Path)
     parser.add_argument("--section", default="random-number")
     args = parser.parse_args()
     if args.arithmetic:
         content = arithmetic_table(args.arithmetic)
     elif args.arithmetic_curve:
-        points = arithmetic_curve(args.arithmetic_curve)
-        content = arithmetic_curve_table(points)
+        curves = {run.name: arithmetic_curve(run) for run in args.arithmetic_curve}
+        content = arithmetic_curve_table(curves)
         if args.figure:
-            from gfnlm.plots import accuracy_curve
+            from gfnlm.plots import accuracy_curves
 
-            print(f"figure: {accuracy_curve(points, args.figure, args.arithmetic_curve.name)}")
+            print(f"figure: {accuracy_curves(curves, args.figure)}")
     elif args.subjectivity:
         content = subjectivity_table(args.subjectivity)
     elif args.bench:

@@ -80,21 +80,26 @@ def test_replace_section_rewrites_only_its_block_and_refuses_a_missing_one(tmp_p
         results_table.replace_section(readme, "b", "x")
 
 
-def test_arithmetic_curve_orders_steps_and_draws_a_figure(tmp_path, results_table):
-    run = tmp_path / "gfn-seed0"
-    for step, accuracy in ((50, 0.5), (25, 0.25)):
-        for operands in (3, 5):
-            write_eval(run / "curve" / f"step-{step}" / f"eval-{operands}ops", operands=operands, train_steps=step,
-                       accuracy=accuracy / (operands - 2), chain_accuracy=accuracy if operands == 3 else None)
+def test_arithmetic_curves_order_steps_per_run_and_draw_a_figure(tmp_path, results_table):
+    runs = [tmp_path / "gfn-seed0", tmp_path / "gfn-prior-seed0"]
+    for run, scale in zip(runs, (1.0, 2.0)):
+        for step, accuracy in ((50, 0.25), (25, 0.125)):
+            for operands in (3, 5):
+                write_eval(run / "curve" / f"step-{step}" / f"eval-{operands}ops", operands=operands, train_steps=step,
+                           accuracy=scale * accuracy / (operands - 2),
+                           chain_accuracy=scale * accuracy if operands == 3 else None)
 
-    points = results_table.arithmetic_curve(run)
-    table = rows(results_table.arithmetic_curve_table(points))
+    curves = {run.name: results_table.arithmetic_curve(run) for run in runs}
+    lines = results_table.arithmetic_curve_table(curves).splitlines()[2:]
+    table = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
 
-    assert list(table) == ["25", "50"]
-    assert table["50"] == ["50", "17", "50", "-"]  # accuracy at 3 and 5 operands, then the chains'
-    from gfnlm.plots import accuracy_curve
+    assert [row[:2] for row in table] == [["gfn-seed0", "25"], ["gfn-seed0", "50"],
+                                          ["gfn-prior-seed0", "25"], ["gfn-prior-seed0", "50"]]
+    assert table[1][2:] == ["25", "8", "25", "-"]  # accuracy at 3 and 5 operands, then the chains'
+    assert table[3][2:] == ["50", "17", "50", "-"]
+    from gfnlm.plots import accuracy_curves
 
-    figure = accuracy_curve(points, tmp_path / "curve.png", run.name)
+    figure = accuracy_curves(curves, tmp_path / "curve.png")
     assert figure.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with pytest.raises(SystemExit, match="--curve"):
         results_table.arithmetic_curve(tmp_path / "empty")

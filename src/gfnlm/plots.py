@@ -45,24 +45,26 @@ def random_number_histograms(results: list[dict], path: Path) -> Path:
     return path
 
 
-def accuracy_curve(points: dict[int, dict[int, tuple[float, float | None]]], path: Path, title: str) -> Path:
-    """Accuracy (%) against training steps, one colour per test set (operand count): solid lines
-    the answers' accuracy, dashed the chains' own (their last calculator result, before the LM
-    completes the answer). ``points``: {step: {operands: (accuracy, chain accuracy or None)}}."""
-    fig, ax = plt.subplots(figsize=(5.5, 3.6))
-    steps = list(points)
-    for operands in sorted({k for row in points.values() for k in row}):
-        xs = [s for s in steps if operands in points[s]]
-        line, = ax.plot(xs, [100 * points[s][operands][0] for s in xs], marker="o", label=f"{operands} operands")
-        chain = [(s, points[s][operands][1]) for s in xs if points[s][operands][1] is not None]
-        if chain:
-            ax.plot([s for s, _ in chain], [100 * c for _, c in chain], ls="--", color=line.get_color(), alpha=0.7)
-    ax.plot([], [], ls="--", color="gray", label="chain's own answer")
-    ax.set_xlabel("training step")
-    ax.set_ylabel("accuracy (%)")
-    ax.set_ylim(-2, 102)
-    ax.set_title(title, fontsize=9)
-    ax.legend(fontsize=8)
+def accuracy_curves(curves: dict[str, dict[int, dict[int, tuple[float, float | None]]]], path: Path) -> Path:
+    """Accuracy (%) against training steps, one panel per run (side by side, same y axis), one
+    colour per test set (operand count): solid lines the answers' accuracy, dashed the chains'
+    own (their last calculator result, before the LM completes the answer).
+    ``curves``: {run name: {step: {operands: (accuracy, chain accuracy or None)}}}."""
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 3.6), sharey=True, squeeze=False)
+    for ax, (name, points) in zip(axes[0], curves.items()):
+        steps = list(points)
+        for operands in sorted({k for row in points.values() for k in row}):
+            xs = [s for s in steps if operands in points[s]]
+            line, = ax.plot(xs, [100 * points[s][operands][0] for s in xs], marker="o", label=f"{operands} operands")
+            chain = [(s, points[s][operands][1]) for s in xs if points[s][operands][1] is not None]
+            if chain:
+                ax.plot([s for s, _ in chain], [100 * c for _, c in chain], ls="--", color=line.get_color(), alpha=0.7)
+        ax.set_xlabel("training step")
+        ax.set_ylim(-2, 102)
+        ax.set_title(name, fontsize=9)
+    axes[0][0].plot([], [], ls="--", color="gray", label="chain's own answer")
+    axes[0][0].set_ylabel("accuracy (%)")
+    axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=120)
