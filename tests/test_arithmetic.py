@@ -121,16 +121,17 @@ def test_reward_is_conditioned_on_the_demonstrations(task):
     assert task.reward_context(model) is task.reward_context(model)  # computed once
 
 
-def test_reward_prior_weight_tempers_only_the_rationale_prior(task):
-    """R = p(Z | X)^w p(Y | X Z): lowering w moves each prefix's reward by (1 - w) times its prior."""
+def test_reward_likelihood_weight_scales_only_the_answers_likelihood(task):
+    """R = p(Z | X) p(Y | X Z)^v: raising v to 3 adds twice the answer's log-likelihood to each prefix's reward."""
     model = make_tiny_lm(seed=2, vocab_size=len(task.tokenizer))
     traj = Trajectories.from_records(task.seed_records(None, torch.Generator()), task.tokenizer.pad_token_id)
     joint = task.reward(model)(traj)
-    task.options.reward_prior_weight = 0.25
-    tempered = task.reward(model)(traj)
+    task.options.reward_likelihood_weight = 3.0
+    weighted = task.reward(model)(traj)
     prior = lm_prefix_log_likelihoods(model, traj, context=task.reward_context(model))
     for b, n in enumerate(traj.lengths.tolist()):
-        torch.testing.assert_close(tempered[b, : n + 1], joint[b, : n + 1] - 0.75 * prior[b, : n + 1], atol=1e-4, rtol=1e-5)
+        likelihood = (joint - prior)[b, : n + 1]
+        torch.testing.assert_close(weighted[b, : n + 1], joint[b, : n + 1] + 2 * likelihood, atol=1e-4, rtol=1e-5)
 
 
 def test_evaluate_votes_and_counts_unparsable_answers(task, tmp_path, caplog):

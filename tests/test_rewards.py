@@ -48,13 +48,13 @@ def test_suffix_reward_matches_per_prefix_passes(tiny_lm, tokenizer, batch):
     reward = LMSuffixReward(tiny_lm, tokenizer)(batch)
     torch.testing.assert_close(reward[0, :5], fast[0, :5])
     prior = lm_prefix_log_likelihoods(tiny_lm, batch)
-    for weight in (0.0, 0.5):  # w log p(s_i | X) + log p(Y | X s_i), from the same single pass
-        tempered = LMSuffixReward(tiny_lm, tokenizer, prior_weight=weight)(batch)
+    for w, v in ((0.0, 1.0), (0.5, 1.0), (1.0, 3.0)):  # w log p(s_i | X) + v log p(Y | X s_i), one pass
+        weighted = LMSuffixReward(tiny_lm, tokenizer, prior_weight=w, likelihood_weight=v)(batch)
         for b, n in enumerate(batch.lengths.tolist()):
-            expected = fast[b, : n + 1] - (1 - weight) * prior[b, : n + 1]
-            torch.testing.assert_close(tempered[b, : n + 1], expected, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="prior_weight"):
-        LMSuffixReward(tiny_lm, tokenizer, prior_weight=-1.0)
+            expected = w * prior[b, : n + 1] + v * (fast - prior)[b, : n + 1]
+            torch.testing.assert_close(weighted[b, : n + 1], expected, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="non-negative"):
+        LMSuffixReward(tiny_lm, tokenizer, likelihood_weight=-1.0)
 
 
 def test_suffix_reward_scores_only_real_tokens_of_reached_states(tiny_lm, tokenizer, batch):

@@ -145,13 +145,15 @@ def lm_prefix_log_likelihoods(
     pad_token_id: int = 0,
     context: SharedContext | None = None,
     prior_weight: float = 1.0,
+    likelihood_weight: float = 1.0,
 ) -> Tensor:
-    """For every state s_i: w log p(s_i | X) [+ log p(⊤ | s_i)] [+ log p(Y | s_i)], in one pass. [B, T+1].
+    """For every state s_i: w log p(s_i | X) + v ([log p(⊤ | s_i)] [+ log p(Y | s_i)]), in one pass. [B, T+1].
 
     log p(s_i | X) counts every generated token of the state, tool insertions included, so the
     reward is the likelihood of the text the model actually sees. With ``context`` (e.g. k-shot
     demonstrations, cached once) every probability is also conditioned on the context before X.
-    ``prior_weight`` w scales the prior term (1: the joint; 0: the likelihood of the stop / Y only).
+    ``prior_weight`` w scales the prior term and ``likelihood_weight`` v the stop's and Y's (both
+    1: the joint; w = 0: the likelihood only).
     """
     batch, width = traj.input_ids.shape
     start = traj.prompt_len - 1  # first column whose logits are needed
@@ -183,7 +185,8 @@ def lm_prefix_log_likelihoods(
     # log p(s_i | X): cumulative log-prob of the real generated tokens up to the state's last column
     token_lp = next_lp[:, : width - 1 - start] * traj.attention_mask[:, traj.prompt_len :]  # [B, G]
     cumulative = torch.cat([token_lp.new_zeros(batch, 1), token_lp.cumsum(dim=1)], dim=1)  # [B, G+1]
-    log_r = prior_weight * cumulative.gather(1, state_cols - start)  # [B, T+1]
+    prior = cumulative.gather(1, state_cols - start)  # [B, T+1]
+    likelihood = torch.zeros_like(prior)  # [B, T+1]: log p(⊤ | s_i) and / or log p(Y | s_i)
 
     # at each state: the stop tokens and Y's first token
     candidates = list(stop_token_ids or [])
@@ -196,14 +199,14 @@ def lm_prefix_log_likelihoods(
         state_hidden = hidden.gather(1, (state_cols - start)[..., None].expand(-1, -1, hidden.shape[-1]))
         cand_lp = head_log_probs(model, state_hidden, cand_ids, keep=live)  # [B, T+1, K], 0 past n_b
         if n_stop:
-            log_r = log_r + cand_lp[..., :n_stop].logsumexp(dim=-1)
+            likelihood = likelihood + cand_lp[..., :n_stop].logsumexp(dim=-1)
         if suffix_ids is not None:
-            log_r = log_r + cand_lp[..., n_stop]
+            likelihood = likelihood + cand_lp[..., n_stop]
     if suffix_ids is not None:
         num_states, m = state_cols.shape[1], suffix.shape[1]
         rest = next_lp[:, width - start :].reshape(batch, num_states, m)[:, :, :-1]  # Y's tokens 2..m
-        log_r = log_r + (rest * suffix_real[:, None, 1:]).sum(dim=2)
-    return log_r
+        likelihood = likelihood + (rest * suffix_real[:, None, 1:]).sum(dim=2)
+    return prior_weight * prior + likelihood_weight * likelihood
 
 
 @torch.no_grad()
@@ -266,10 +269,12 @@ class LMStopReward:
 class LMSuffixReward:
     """log R(s_i ⊤) = log p_LM(s_i Y | X): the posterior target p_LM(Z | X, Y) ∝ p_LM(X Z Y).
 
-    ``suffix`` maps a query to the text Y (default: ``query.target``). ``prior_weight`` w < 1
-    targets p_LM(Z | X)^w p_LM(Y | X Z) instead: w = 0 keeps only the likelihood of Y, and values
-    in between let a small LM's preference for short rationales weigh less against getting Y
-    right (a tempered prior; the paper's posterior is w = 1). With
+    ``suffix`` maps a query to the text Y (default: ``query.target``). The weights target
+    p_LM(Z | X)^w p_LM(Y | X Z)^v instead (the paper's posterior: w = v = 1). w = 0 keeps only the
+    likelihood of Y. v > 1 sharpens the likelihood, so that rationales which make Y likely weigh
+    more against a small LM's preference for short ones. Prefer v > 1 to w < 1: p^w with w < 1
+    sums to far more than 1 over the exponentially many rationales, and that mass lies on
+    junk (measured on arithmetic: see the README). With
     ``context`` (e.g. k-shot demonstrations) the reward is conditioned on it too,
     p_LM(X Z Y | context) up to a constant per query; its computation is cached once.
     """
@@ -280,13 +285,14 @@ class LMSuffixReward:
         tokenizer,
         suffix: Callable[[Query], str] | None = None,
         prior_weight: float = 1.0,
+        likelihood_weight: float = 1.0,
         context: SharedContext | None = None,
     ):
-        if prior_weight < 0:
-            raise ValueError(f"prior_weight must be non-negative, got {prior_weight}")
+        if prior_weight < 0 or likelihood_weight < 0:
+            raise ValueError(f"prior_weight and likelihood_weight must be non-negative, got {prior_weight}, {likelihood_weight}")
         self.model, self.tokenizer = model, tokenizer
         self.suffix = suffix or _query_target
-        self.prior_weight = prior_weight
+        self.prior_weight, self.likelihood_weight = prior_weight, likelihood_weight
         self.context = context
 
     def __call__(self, traj: Trajectories) -> Tensor:
@@ -294,7 +300,7 @@ class LMSuffixReward:
         with adapter_disabled(self.model), eval_mode(self.model):
             log_r = lm_prefix_log_likelihoods(
                 self.model, traj, suffix_ids=suffix_ids, pad_token_id=self.tokenizer.pad_token_id or 0,
-                context=self.context, prior_weight=self.prior_weight,
+                context=self.context, prior_weight=self.prior_weight, likelihood_weight=self.likelihood_weight,
             )
         return check_log_rewards(log_r, traj, type(self).__name__)
 

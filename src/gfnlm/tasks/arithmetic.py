@@ -129,9 +129,9 @@ class ArithmeticOptions(TaskOptions):
         "Worked examples (X, Z, Y): reward demonstrations, buffer seeds, SFT data; also trained on.")
     seed_rationales: int = setting(50, "Worked rationales put in the replay buffer before training (Table E.3).")
     reward_shots: int = setting(3, "Worked examples prepended to the reward's context (paper: 3).")
-    reward_prior_weight: float = setting(
-        1.0, "Weight w of log p(Z | X) in the reward, R = p(Z | X)^w p(Y | X Z): 1 is the paper's posterior; "
-        "a small LM's prior favours short wrong chains, which w < 1 weighs down.")
+    reward_likelihood_weight: float = setting(
+        1.0, "Weight v of log p(Y | X Z) in the reward, R = p(Z | X) p(Y | X Z)^v: 1 is the paper's posterior; "
+        "v > 1 weighs down the short wrong chains a small LM's prior favours.")
     max_len: int = setting(24, "Most rationale tokens (actions) during training.")
     min_len: int = setting(5, "Fewest rationale tokens before the policy may stop (paper: 5).")
     test_file: str | None = setting(None, "Questions to evaluate on (default: the first training questions).")
@@ -214,7 +214,7 @@ class ArithmeticTask(Task):
 
     def reward(self, model) -> LMSuffixReward:
         return LMSuffixReward(
-            model, self.tokenizer, prior_weight=self.options.reward_prior_weight, context=self.reward_context(model))
+            model, self.tokenizer, likelihood_weight=self.options.reward_likelihood_weight, context=self.reward_context(model))
 
     def tool(self) -> CalculatorTool:
         return CalculatorTool(self.tokenizer)
