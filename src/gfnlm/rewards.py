@@ -273,8 +273,8 @@ class LMSuffixReward:
     p_LM(Z | X)^w p_LM(Y | X Z)^v instead (the paper's posterior: w = v = 1). w = 0 keeps only the
     likelihood of Y. v > 1 sharpens the likelihood, so that rationales which make Y likely weigh
     more against a small LM's preference for short ones. Prefer v > 1 to w < 1: p^w with w < 1
-    sums to far more than 1 over the exponentially many rationales, and that mass lies on
-    junk (measured on arithmetic: see the README). With
+    sums to far more than 1 over the exponentially many rationales, most of them junk, and on
+    arithmetic w = 0.25 collapsed the policy onto junk digit strings (README). With
     ``context`` (e.g. k-shot demonstrations) the reward is conditioned on it too,
     p_LM(X Z Y | context) up to a constant per query; its computation is cached once.
     """
