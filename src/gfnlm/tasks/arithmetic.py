@@ -4,7 +4,8 @@ X is a question "Question: 6 - 0 - 4 - 8 = ? Answer:", the latent Z a chain of t
 calls " 6 - 0 = 6, 6 - 4 = 2, 2 - 8 = -6" (the calculator writes each value after "="), and Y
 ". The answer is -6.". The policy q(Z | X) writes only digits, "+", "-", "=", ",", spaces, and
 stops by writing "." (the first token of Y). The reward is p_LM(X Z Y | k demonstrations): the
-demonstrations sit in the reward's context only, cached once (``gfnlm.context``).
+demonstrations sit in the reward's context only, cached once (``gfnlm.context``). The setting
+``reward_likelihood_weight`` v raises its p_LM(Y | X Z) factor to the power v.
 
 Evaluation, for every method alike: draw ``eval_samples`` rationales per test question at
 ``eval_temperature`` with the calculator on; the base LM then completes the answer greedily
@@ -39,6 +40,8 @@ from gfnlm.tasks.base import Task, TaskOptions
 from gfnlm.tools import CalculatorTool, fill_in_results
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
 
+logger = logging.getLogger("gfnlm")
+
 DATA_DIR = "../shared/data/arithmetic"
 RATIONALE_TOKEN = re.compile(r" ?[0-9+\-=,]| ")
 """Text of a token the rationale may use: one digit, operator, "=" or ",", optionally after a space."""
@@ -46,7 +49,6 @@ _INTEGER = re.compile(r"-?\d+")
 _TOOL_RESULT = re.compile(r"= (-?\d+)")
 """A calculator result as it stands in a rationale: "=" followed by the inserted " <value>"."""
 ZERO_SHOT_CUE = "Let us think step by step."
-logger = logging.getLogger("gfnlm")
 DEFAULT_TRAIN_EVAL_QUESTIONS = 100
 
 
