@@ -50,7 +50,7 @@ def accuracy_curves(curves: dict[str, dict[int, dict[int, tuple[float, float | N
     colour per test set (operand count): solid lines the answers' accuracy, dashed the chains'
     own (their last calculator result, before the LM completes the answer).
     ``curves``: {run name: {step: {operands: (accuracy, chain accuracy or None)}}}."""
-    fig, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 3.6), sharey=True, squeeze=False)
+    fig, axes = plt.subplots(1, len(curves), figsize=(4.6 * len(curves), 3.6), sharex=True, sharey=True, squeeze=False)
     for ax, (name, points) in zip(axes[0], curves.items()):
         steps = list(points)
         for operands in sorted({k for row in points.values() for k in row}):
