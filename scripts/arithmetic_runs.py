@@ -33,6 +33,7 @@ from gfnlm.cli import RunSettings, build_trainer, load_for_eval, write_json
 from gfnlm.config import ConfigError, TrainConfig, apply_settings, parse_key_values
 from gfnlm.models import DEFAULT_MODEL, load_model_and_tokenizer
 from gfnlm.tasks.arithmetic import ZERO_SHOT_CUE, ArithmeticOptions, ArithmeticTask, generate_problems, load_problems
+from gfnlm.trainer import logged_training_minutes
 
 OPERANDS = (3, 4, 5)
 COMMON = {"lora_rank": 16, "lora_alpha": 32, "save_every": 25, "progress": False, "steps": 2000}
@@ -98,11 +99,9 @@ def train_run(args, method: str, seed: int, files: dict[int, Path], seed_rationa
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(run.as_dict(), sort_keys=False))
     trainer = build_trainer(run, model, tokenizer, task, run_dir)
-    started = time.perf_counter()
     trainer.train(resume=trainer.latest_checkpoint() is not None)
-    minutes = (time.perf_counter() - started) / 60
     extra = {"method": method, "seed": seed, "seed_rationales": task.options.seed_rationales, "train_steps": trainer.step,
-             "train_minutes": minutes, "samples_per_step": train.queries_per_step * train.samples_per_query,
+             "train_minutes": logged_training_minutes(run_dir), "samples_per_step": train.queries_per_step * train.samples_per_query,
              "settings": settings or {}}
     evaluate_all(trainer.model, tokenizer, run_dir, files, options, method, extra)
 

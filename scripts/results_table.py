@@ -36,6 +36,8 @@ import json
 import re
 from pathlib import Path
 
+from gfnlm.trainer import logged_training_minutes
+
 METRICS = ("valid_mass", "kl", "tv", "js")
 
 
@@ -47,7 +49,7 @@ def run_row(run: Path) -> list[str]:
         rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
         if rows:
             steps = str(rows[-1]["step"])
-            seconds = f"{sum(r.get('step_time_s', 0.0) for r in rows) / 60:.1f}"
+            seconds = f"{logged_training_minutes(run):.1f}"
     cells = [f"{result[k]:.4g}" if isinstance(result.get(k), float) else "-" for k in METRICS]
     return [result.get("label", run.name), *cells, steps, seconds]
 

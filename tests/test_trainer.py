@@ -251,3 +251,13 @@ def test_base_model_samples_are_drawn_with_the_adapter_off(tokenizer, monkeypatc
     trainer.sample_records = counting
     trainer.train()
     assert state == {"off": False, "sampled_off": 2, "sampled_on": 0}
+
+
+def test_logged_training_minutes_sums_step_times_across_resumes(tmp_path):
+    from gfnlm.trainer import logged_training_minutes
+
+    assert logged_training_minutes(tmp_path) == 0.0
+    # a resumed run appends to the same log (its duplicates were truncated on resume)
+    (tmp_path / "metrics.jsonl").write_text("".join(
+        json.dumps({"step": s, "step_time_s": t}) + "\n" for s, t in ((1, 30.0), (2, 45.0), (3, 15.0))))
+    assert logged_training_minutes(tmp_path) == pytest.approx(1.5)

@@ -316,6 +316,16 @@ class Trainer:
         path.write_text("".join(line + "\n" for line in kept))
 
 
+def logged_training_minutes(output_dir: Path) -> float:
+    """A run's training time across all its resumes: the sum of the step times in metrics.jsonl
+    (exact with ``log_every=1``; setup, checkpoints and evaluation excluded). 0 without a log."""
+    path = Path(output_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return 0.0
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return sum(r.get("step_time_s", 0.0) for r in rows) / 60
+
+
 class GFlowNetTrainer(Trainer):
     """Fine-tunes ``model`` so that it samples trajectories with probability ∝ ``reward``.
 
