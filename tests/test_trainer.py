@@ -11,7 +11,7 @@ from gfnlm.config import TrainConfig
 from gfnlm.rewards import RewardError
 from gfnlm.sampling import eval_mode
 from gfnlm.scoring import score_policy, terminal_log_prob
-from gfnlm.trainer import TIMING_KEYS, GFlowNetTrainer, TrainingDiverged
+from gfnlm.trainer import TIMING_KEYS, GFlowNetTrainer, TrainingDiverged, logged_training_minutes
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
 SPACE = ActionSpace(stop_token_ids=(STOP,), max_len=3, allowed_token_ids=ALLOWED)
@@ -254,8 +254,6 @@ def test_base_model_samples_are_drawn_with_the_adapter_off(tokenizer, monkeypatc
 
 
 def test_logged_training_minutes_sums_step_times_across_resumes(tmp_path):
-    from gfnlm.trainer import logged_training_minutes
-
     assert logged_training_minutes(tmp_path) == 0.0
     # a resumed run appends to the same log (its duplicates were truncated on resume)
     (tmp_path / "metrics.jsonl").write_text("".join(
