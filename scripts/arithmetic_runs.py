@@ -33,7 +33,7 @@ from gfnlm.cli import RunSettings, build_trainer, load_for_eval, write_json
 from gfnlm.config import ConfigError, TrainConfig, apply_settings, parse_key_values
 from gfnlm.models import DEFAULT_MODEL, load_model_and_tokenizer
 from gfnlm.tasks.arithmetic import ZERO_SHOT_CUE, ArithmeticOptions, ArithmeticTask, generate_problems, load_problems
-from gfnlm.trainer import logged_training_minutes
+from gfnlm.trainer import logged_training_minutes, read_logged_metrics
 
 OPERANDS = (3, 4, 5)
 COMMON = {"lora_rank": 16, "lora_alpha": 32, "save_every": 25, "progress": False, "steps": 2000}
@@ -101,7 +101,7 @@ def train_run(args, method: str, seed: int, files: dict[int, Path], seed_rationa
     trainer = build_trainer(run, model, tokenizer, task, run_dir)
     trainer.train(resume=trainer.latest_checkpoint() is not None)
     extra = {"method": method, "seed": seed, "seed_rationales": task.options.seed_rationales, "train_steps": trainer.step,
-             "train_minutes": logged_training_minutes(run_dir), "samples_per_step": train.queries_per_step * train.samples_per_query,
+             "train_minutes": logged_training_minutes(read_logged_metrics(run_dir)), "samples_per_step": train.queries_per_step * train.samples_per_query,
              "settings": settings or {}}
     evaluate_all(trainer.model, tokenizer, run_dir, files, options, method, extra)
 

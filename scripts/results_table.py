@@ -36,7 +36,7 @@ import json
 import re
 from pathlib import Path
 
-from gfnlm.trainer import logged_training_minutes
+from gfnlm.trainer import logged_training_minutes, read_logged_metrics
 
 METRICS = ("valid_mass", "kl", "tv", "js")
 
@@ -44,12 +44,10 @@ METRICS = ("valid_mass", "kl", "tv", "js")
 def run_row(run: Path) -> list[str]:
     result = json.loads((run / "eval.json").read_text())
     steps, seconds = "-", "-"
-    metrics = run / "metrics.jsonl"
-    if metrics.is_file():
-        rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
-        if rows:
-            steps = str(rows[-1]["step"])
-            seconds = f"{logged_training_minutes(run):.1f}"
+    rows = read_logged_metrics(run)
+    if rows:
+        steps = str(rows[-1]["step"])
+        seconds = f"{logged_training_minutes(rows):.1f}"
     cells = [f"{result[k]:.4g}" if isinstance(result.get(k), float) else "-" for k in METRICS]
     return [result.get("label", run.name), *cells, steps, seconds]
 

@@ -11,7 +11,7 @@ from gfnlm.config import TrainConfig
 from gfnlm.rewards import RewardError
 from gfnlm.sampling import eval_mode
 from gfnlm.scoring import score_policy, terminal_log_prob
-from gfnlm.trainer import TIMING_KEYS, GFlowNetTrainer, TrainingDiverged, logged_training_minutes
+from gfnlm.trainer import TIMING_KEYS, GFlowNetTrainer, TrainingDiverged, logged_training_minutes, read_logged_metrics
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
 SPACE = ActionSpace(stop_token_ids=(STOP,), max_len=3, allowed_token_ids=ALLOWED)
@@ -27,8 +27,7 @@ def make_trainer(tokenizer, output_dir=None, reward=None, **overrides):
 
 
 def read_metrics(path):
-    rows = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
-    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in rows]
+    return [{k: v for k, v in row.items() if k not in TIMING_KEYS} for row in read_logged_metrics(path)]
 
 
 def record_sampling_temperatures(trainer, monkeypatch) -> list:
@@ -254,8 +253,8 @@ def test_base_model_samples_are_drawn_with_the_adapter_off(tokenizer, monkeypatc
 
 
 def test_logged_training_minutes_sums_step_times_across_resumes(tmp_path):
-    assert logged_training_minutes(tmp_path) == 0.0
+    assert read_logged_metrics(tmp_path) == [] and logged_training_minutes([]) == 0.0
     # a resumed run appends to the same log (its duplicates were truncated on resume)
     (tmp_path / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "step_time_s": t}) + "\n" for s, t in ((1, 30.0), (2, 45.0), (3, 15.0))))
-    assert logged_training_minutes(tmp_path) == pytest.approx(1.5)
+    assert logged_training_minutes(read_logged_metrics(tmp_path)) == pytest.approx(1.5)

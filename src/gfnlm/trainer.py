@@ -316,13 +316,17 @@ class Trainer:
         path.write_text("".join(line + "\n" for line in kept))
 
 
-def logged_training_minutes(output_dir: Path) -> float:
-    """A run's training time across all its resumes: the sum of the step times in metrics.jsonl
-    (exact with ``log_every=1``; setup, checkpoints and evaluation excluded). 0 without a log."""
+def read_logged_metrics(output_dir: Path) -> list[dict]:
+    """The rows of a run's metrics.jsonl, one per logged step (none without a log)."""
     path = Path(output_dir) / "metrics.jsonl"
     if not path.is_file():
-        return 0.0
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def logged_training_minutes(rows: list[dict]) -> float:
+    """A run's training time across all its resumes, from ``read_logged_metrics``: the sum of the
+    step times (exact with ``log_every=1``; setup, checkpoints and evaluation excluded)."""
     return sum(r.get("step_time_s", 0.0) for r in rows) / 60
 
 
