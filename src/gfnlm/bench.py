@@ -275,7 +275,7 @@ class StepPaths:
         with adapter_disabled(t.model), eval_mode(t.model):
             log_r = per_prefix_suffix_rewards(t.model, records, self.suffix_ids[query.key], self.context_ids)
         lengths = torch.tensor([sum(r.is_action) for r in records], device=log_pf.device)
-        log_z = t.log_z[t.query_index[query.key]].expand(len(records))
+        log_z = t.log_z.values[t.query_index[query.key]].expand(len(records))
         return [log_pf, log_pterm, log_r, lengths, log_z]
 
     def subtb(self, log_pf, log_pterm, log_r, lengths, log_z) -> torch.Tensor:

@@ -58,7 +58,7 @@ class TrainConfig:
         "learned log Z per query, or modified detailed balance."
     )
     subtb_lambda: float = setting(1.0, "Weight lambda^(j-i-1) of a sub-trajectory of j-i steps (1.0 as in the paper).")
-    log_z_lr: float = setting(0.1, "Learning rate of log Z (trajectory balance only).")
+    log_z_lr: float = setting(0.1, "Learning rate of each query's log Z (learned by TB, and by SubTB when min_len > 0).")
     log_z_init: Literal["zero", "estimate"] = setting(
         "zero", "Where each query's log Z starts: 0 (right for rewards that are normalised probabilities), or "
         "its first batch's mean(log R - log P_F(trajectory)), for LM rewards whose log Z lies far below 0 and "

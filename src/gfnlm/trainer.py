@@ -87,6 +87,38 @@ def peak_memory_mb(device: torch.device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
 
 
+class PerQueryLogZ(torch.nn.Module):
+    """log Z of each training query: one scalar parameter per query, not one [N] vector.
+
+    A query absent from a batch then has no gradient, and Adam skips it, moments and step count
+    included. In a shared vector Adam keeps moving every query seen before along its stale momentum
+    (about 10 × lr in all after each visit at β1 = 0.9), with no trajectories of its own to correct it.
+    """
+
+    def __init__(self, n_queries: int, device: torch.device):
+        super().__init__()
+        self.values = torch.nn.ParameterList(torch.nn.Parameter(torch.zeros((), device=device)) for _ in range(n_queries))
+
+    def forward(self, index: Tensor) -> Tensor:
+        """``index`` [B] query numbers -> [B] their log Z (with gradients only to those queries)."""
+        queries, inverse = index.unique(return_inverse=True)
+        return torch.stack([self.values[i] for i in queries.tolist()])[inverse]
+
+    def as_tensor(self) -> Tensor:
+        """[N] every query's log Z, detached."""
+        return torch.stack(list(self.values)).detach()
+
+    @torch.no_grad()
+    def set_(self, query: int, value: Tensor | float) -> None:
+        self.values[query].fill_(value)
+
+    @torch.no_grad()
+    def load_(self, values: Tensor) -> None:
+        """Set every query's log Z from ``values`` [N]."""
+        for param, value in zip(self.values, values.tolist(), strict=True):
+            param.fill_(value)
+
+
 @dataclass
 class MicroBatch:
     traj: Trajectories
@@ -147,7 +179,8 @@ class Trainer:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def extra_parameters(self) -> list[dict]:
-        """Optimizer parameter groups beyond the model's trainable weights (e.g. log Z)."""
+        """Optimizer parameter groups beyond the model's trainable weights (e.g. log Z).
+        """
         return []
 
     def extra_state(self) -> dict:
@@ -297,7 +330,11 @@ class Trainer:
                 params[name].copy_(value)
         state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
         self.step, self.nan_streak = int(state["step"]), int(state["nan_streak"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+        except ValueError as error:  # e.g. written before log Z had one parameter per query
+            raise ValueError(f"checkpoint {path} does not fit this trainer's optimizer ({error}); it was written by "
+                             "another gfnlm version or configuration: start a fresh run") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.load_extra_state(state["extra"])
         self.generator.set_state(state["generator"])
@@ -361,7 +398,7 @@ class GFlowNetTrainer(Trainer):
         self.queries = list(queries)
         self.query_index = {q.key: i for i, q in enumerate(self.queries)}
         self.buffer = ReplayBuffer(self.config.buffer_capacity, self.config.buffer_sampling)
-        self.log_z = torch.nn.Parameter(torch.zeros(len(self.queries), device=self.device))
+        self.log_z = PerQueryLogZ(len(self.queries), self.device)
         self.log_z_ready = torch.zeros(len(self.queries), dtype=torch.bool, device=self.device)
         self.build_optimizer()
 
@@ -372,16 +409,16 @@ class GFlowNetTrainer(Trainer):
 
     def extra_parameters(self) -> list[dict]:
         # no weight decay: log Z sits at -5 to -60 for LM rewards, and decay would pull it towards 0
-        return [{"params": [self.log_z], "lr": self.config.log_z_lr, "weight_decay": 0.0}] if self.learns_log_z else []
+        group = {"params": list(self.log_z.parameters()), "lr": self.config.log_z_lr, "weight_decay": 0.0}
+        return [group] if self.learns_log_z else []
 
     def extra_state(self) -> dict:
-        return {"buffer": self.buffer.state_dict(), "log_z": self.log_z.detach().cpu(),
+        return {"buffer": self.buffer.state_dict(), "log_z": self.log_z.as_tensor().cpu(),
                 "log_z_ready": self.log_z_ready.cpu()}
 
     def load_extra_state(self, state: dict) -> None:
         self.buffer.load_state_dict(state["buffer"])
-        with torch.no_grad():
-            self.log_z.copy_(state["log_z"].to(self.device))
+        self.log_z.load_(state["log_z"])
         ready = state.get("log_z_ready", torch.ones_like(self.log_z_ready))  # older checkpoints: already learning
         self.log_z_ready.copy_(ready.to(self.device))
 
@@ -419,7 +456,7 @@ class GFlowNetTrainer(Trainer):
         estimate = log_r_end - log_q  # [B]
         for query in index[new].unique().tolist():
             rows = index == query
-            self.log_z[query] = estimate[rows].mean()
+            self.log_z.set_(query, estimate[rows].mean())
             self.log_z_ready[query] = True
 
     # ----------------------------------------------------------------- schedules
@@ -529,7 +566,7 @@ class GFlowNetTrainer(Trainer):
         if self.estimates_log_z:
             log_q = terminal_log_prob(log_pf.detach(), log_pterm.detach(), lengths)  # [B]
             self.initialise_log_z(index, self._terminal(log_r, traj), log_q)
-        log_z = self.log_z[index]  # [B]
+        log_z = self.log_z(index)  # [B]
         if self.config.loss == "subtb":
             return modified_subtb_loss(log_pf, log_pterm, log_r, lengths, self.config.subtb_lambda,
                                        log_z=log_z, min_len=self.space.min_len)
@@ -572,5 +609,5 @@ class GFlowNetTrainer(Trainer):
             "buffer_size": len(self.buffer),
         }
         if self.learns_log_z:
-            metrics["log_z_mean"] = self.log_z.detach().mean().item()
+            metrics["log_z_mean"] = self.log_z.as_tensor().mean().item()
         return self.finish_step(metrics, updated, n_samples, start)
