@@ -142,6 +142,13 @@ SUBJECTIVITY_ROWS = {  # run-name prefix -> row name, in the paper's order
 }
 
 
+def _seed_counts(by_size: dict[int, list[float]], sizes: list[int]) -> str:
+    """How many seeds each column averages: one number, or one per column ("3 / 1") where they differ."""
+    counts = [str(len(by_size[n])) if n in by_size else "-" for n in sizes]
+    present = {c for c in counts if c != "-"}
+    return present.pop() if len(present) == 1 else " / ".join(counts)
+
+
 def subjectivity_table(root: Path) -> str:
     """Rows: methods; columns: accuracy per training size over seeds (zero-shot in every column)."""
     groups: dict[str, dict[int, list[float]]] = {}
@@ -169,8 +176,7 @@ def subjectivity_table(root: Path) -> str:
     order = ["zero-shot prompting", "base model, sampled rationales", *SUBJECTIVITY_ROWS.values()]
     for name in [n for n in order if n in groups]:
         cells = [_mean_std(groups[name][n]) if n in groups[name] else "-" for n in sizes]
-        seeds = max(len(v) for v in groups[name].values())
-        lines.append("| " + " | ".join([name, *cells, str(seeds), ", ".join(map(str, sorted(steps.get(name, [])))) or "-",
+        lines.append("| " + " | ".join([name, *cells, _seed_counts(groups[name], sizes), ", ".join(map(str, sorted(steps.get(name, [])))) or "-",
                                         "/".join(map(str, sorted(reviews)))]) + " |")
     return "\n".join(lines)
 

@@ -42,8 +42,8 @@ def test_subjectivity_table_averages_seeds_and_keeps_the_ablation_rows(tmp_path,
     assert list(table) == ["zero-shot prompting", "GFlowNet fine-tuning", "GFlowNet, (-) seed buffer",
                            "GFlowNet, (-) seed buffer (-) aggregating"]
     assert table["zero-shot prompting"][:3] == ["61.0", "61.0", "1"]  # no training: same figure per column
-    assert table["GFlowNet fine-tuning"][:4] == ["65.0 ± 7.1", "80.0", "2", "60"]
-    assert table["GFlowNet, (-) seed buffer"][:2] == ["55.0", "-"]
+    assert table["GFlowNet fine-tuning"][:4] == ["65.0 ± 7.1", "80.0", "2 / 1", "60"]  # seeds per column
+    assert table["GFlowNet, (-) seed buffer"][:3] == ["55.0", "-", "1"]
     assert table["GFlowNet, (-) seed buffer (-) aggregating"][:2] == ["52.0", "-"]
 
 
