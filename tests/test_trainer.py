@@ -128,11 +128,23 @@ def test_log_z_of_a_query_outside_the_batch_stays_put(tokenizer, monkeypatch):
     assert after[1] != 0.0 and after[2] == 0.0
 
 
+def test_logged_log_z_mean_leaves_out_queries_not_yet_estimated(tokenizer):
+    trainer = make_trainer(tokenizer, loss="tb", log_z_init="estimate", queries_per_step=1, log_z_lr=0.0)
+    metrics = trainer.train_step()
+    (estimated,) = trainer.log_z_ready.nonzero().flatten().tolist()
+    assert metrics["log_z_mean"] == pytest.approx(trainer.log_z.as_tensor()[estimated].item())
+
 
 def test_fresh_run_refuses_a_used_output_dir(tokenizer, tmp_path):
     make_trainer(tokenizer, tmp_path, steps=2).train()
     with pytest.raises(FileExistsError, match="--resume"):
         make_trainer(tokenizer, tmp_path, steps=2).train()
+
+
+def test_resuming_with_an_optimizer_that_does_not_fit_names_the_checkpoint(tokenizer, tmp_path):
+    make_trainer(tokenizer, tmp_path, steps=2, loss="tb").train()  # optimizer: LoRA and one log Z per query
+    with pytest.raises(ValueError, match="step-0000002.*start a fresh run"):
+        make_trainer(tokenizer, tmp_path, steps=4, loss="subtb").train(resume=True)  # no log Z to learn
 
 
 def test_time_limit_stops_with_a_checkpoint_and_resume_continues(tokenizer, tmp_path, monkeypatch):

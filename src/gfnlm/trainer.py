@@ -609,5 +609,8 @@ class GFlowNetTrainer(Trainer):
             "buffer_size": len(self.buffer),
         }
         if self.learns_log_z:
-            metrics["log_z_mean"] = self.log_z.as_tensor().mean().item()
+            log_z = self.log_z.as_tensor()
+            if self.estimates_log_z:  # queries not yet estimated hold a placeholder 0
+                log_z = log_z[self.log_z_ready]
+            metrics["log_z_mean"] = log_z.mean().item()
         return self.finish_step(metrics, updated, n_samples, start)
