@@ -12,8 +12,7 @@ import torch
 from conftest import make_char_tokenizer, make_tiny_lm
 from gfnlm.cli import main
 from gfnlm.rewards import LMSuffixReward, lm_prefix_log_likelihoods
-from gfnlm.tasks.arithmetic import (ArithmeticOptions, ArithmeticTask, calls_histogram, generate_problems,
-                                   last_tool_result, load_problems)
+from gfnlm.tasks.arithmetic import ArithmeticOptions, ArithmeticTask, calls_histogram, generate_problems, load_problems
 from gfnlm.trajectories import Trajectories
 
 WORKED = [
@@ -150,12 +149,6 @@ def test_evaluate_votes_and_counts_unparsable_answers(task, tmp_path, caplog):
     assert result["n_correct"] == sum(p["correct"] for p in predictions)
     assert sum(result["calculator_calls"].values()) == 2 * 3
     assert result["chain_accuracy"] == sum(p["chain_correct"] for p in predictions) / 2
-
-
-def test_chain_answer_is_the_last_calculator_result():
-    assert last_tool_result(" 7 - 8 = -1, -1 + 7 = 6") == 6
-    assert last_tool_result(" 7 - 8 = -1, -1 + 7 =") == -1  # the last call inserted nothing
-    assert last_tool_result(" 1000") is None
 
 
 def test_calls_histogram_counts_the_calls_per_rationale():

@@ -7,7 +7,8 @@ import random
 import pytest
 
 from conftest import make_char_tokenizer
-from gfnlm.tools import MAX_EXPRESSION_CHARS, CalculatorTool, calculator, calculator_insertion, fill_in_results
+from gfnlm.tools import (MAX_EXPRESSION_CHARS, CalculatorTool, calculator, calculator_insertion, fill_in_results,
+                         last_tool_result)
 from gfnlm.trajectories import Query
 
 
@@ -63,3 +64,9 @@ def test_tool_hook_inserts_value_tokens_after_equals():
     inserted = tool(query, ids + equals)
     assert tokenizer.decode(inserted) == " -2"
     assert tool(query, []) == []
+
+
+def test_chain_answer_is_the_last_result_the_calculator_inserted():
+    assert last_tool_result(fill_in_results(" 7 - 8 =, -1 + 7 =")) == 6  # reads what the calculator writes
+    assert last_tool_result(fill_in_results(" 7 - 8 =, -1 + =")) == -1  # the last call inserted nothing
+    assert last_tool_result(" 1000") is None

@@ -47,6 +47,16 @@ def calculator_insertion(text: str) -> str:
     return "" if value is None else f" {value}"
 
 
+_INSERTED_RESULT = re.compile(r"= (-?\d+)")
+"""A calculator result as it stands in a rationale: "=" followed by the " <value>" ``calculator_insertion`` adds."""
+
+
+def last_tool_result(rationale: str) -> int | None:
+    """The value the calculator inserted last in ``rationale`` (filled in), or None if it inserted none."""
+    results = _INSERTED_RESULT.findall(rationale)
+    return int(results[-1]) if results else None
+
+
 def fill_in_results(rationale: str) -> str:
     """A rationale as the policy sees it after tool calls: "6 - 0 =, 6 - 4 =" -> "6 - 0 = 6, 6 - 4 = 2"."""
     out = ""

@@ -37,7 +37,7 @@ from gfnlm.models import stop_token_ids
 from gfnlm.rewards import LMSuffixReward, adapter_disabled
 from gfnlm.sampling import encode_prompts, sample, take_action
 from gfnlm.tasks.base import Task, TaskOptions
-from gfnlm.tools import CalculatorTool, fill_in_results
+from gfnlm.tools import CalculatorTool, fill_in_results, last_tool_result
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
 
 logger = logging.getLogger("gfnlm")
@@ -46,8 +46,6 @@ DATA_DIR = "../shared/data/arithmetic"
 RATIONALE_TOKEN = re.compile(r" ?[0-9+\-=,]| ")
 """Text of a token the rationale may use: one digit, operator, "=" or ",", optionally after a space."""
 _INTEGER = re.compile(r"-?\d+")
-_TOOL_RESULT = re.compile(r"= (-?\d+)")
-"""A calculator result as it stands in a rationale: "=" followed by the inserted " <value>"."""
 ZERO_SHOT_CUE = "Let us think step by step."
 DEFAULT_TRAIN_EVAL_QUESTIONS = 100
 
@@ -256,13 +254,13 @@ class ArithmeticTask(Task):
         return shots + problem.question + (f" {o.cue}" if o.cue else "")
 
     def test_problems(self) -> tuple[str, list[Problem]]:
+        """Where the evaluation questions come from, and the first ``eval_questions`` of them."""
         o = self.options
-        source = o.test_file or o.train_file
-        if o.test_file is None:
-            logger.warning("no test_file given: evaluating on training questions from %s", source)
-        problems = self._test_set if o.test_file is not None else load_problems(source)
-        limit = o.eval_questions if o.eval_questions is not None or o.test_file else DEFAULT_TRAIN_EVAL_QUESTIONS
-        return source, problems[:limit]
+        if o.test_file is not None:
+            return o.test_file, self._test_set[: o.eval_questions]
+        logger.warning("no test_file given: evaluating on training questions from %s", o.train_file)
+        limit = o.eval_questions if o.eval_questions is not None else DEFAULT_TRAIN_EVAL_QUESTIONS
+        return o.train_file, load_problems(o.train_file)[:limit]
 
     def complete_answers(self, model, prompts: list[str]) -> list[int | None]:
         """The base LM's answer after each "X Z." (greedy, reward demonstrations in context)."""
@@ -329,12 +327,6 @@ def calls_histogram(rationales: list[str]) -> dict[int, int]:
     calls, shows here at a glance.
     """
     return dict(sorted(Counter(z.count("=") for z in rationales).items()))
-
-
-def last_tool_result(rationale: str) -> int | None:
-    """The value the calculator inserted last in ``rationale``, or None if it inserted none."""
-    results = _TOOL_RESULT.findall(rationale)
-    return int(results[-1]) if results else None
 
 
 def _majority(values: list[int | None]) -> int | None:
