@@ -74,13 +74,18 @@ def evaluate_all(model, tokenizer, run_dir: Path, files: dict[int, Path], option
         logging.info("%s, %d operands: accuracy %.3f (%d questions)", label, k, result["accuracy"], result["n_questions"])
 
 
+def run_name(args, method: str, seed: int) -> str:
+    """A method's run folder for one seed (the GFlowNet's under --gfn-name)."""
+    return f"{args.gfn_name if method == 'gfn' else method}-seed{seed}"
+
+
 def train_run(args, method: str, seed: int, files: dict[int, Path], seed_rationales: int = 50,
               name: str | None = None, settings: dict[str, str] | None = None) -> None:
     """Train one policy within its time budget, then evaluate it on every test set.
 
     ``settings`` override the method's training settings or the task's options (a variant's
     settings are recorded in its eval.json, so the results table can name the row)."""
-    run_dir = args.out / (name or f"{method}-seed{seed}")
+    run_dir = args.out / (name or run_name(args, method, seed))
     if all((run_dir / f"eval-{k}ops" / "eval.json").is_file() for k in files):
         return
     train = TrainConfig()
@@ -110,7 +115,7 @@ def curve_runs(args, files: dict[int, Path], settings: dict[str, str]) -> None:
     """Evaluate every saved checkpoint of the GFlowNet runs: accuracy against training steps."""
     options = {"eval_batch_questions": args.eval_batch_questions}
     for seed in args.seeds:
-        run_dir = args.out / f"{args.gfn_name}-seed{seed}"
+        run_dir = args.out / run_name(args, "gfn", seed)
         for checkpoint in sorted(run_dir.glob("checkpoints/step-*/adapter")):
             step = int(checkpoint.parent.name.removeprefix("step-"))
             out = run_dir / "curve" / f"step-{step}"
@@ -160,10 +165,7 @@ def main() -> None:
     files = make_test_sets(args.out, args.n_test)
     for method in args.methods:
         for seed in args.seeds:
-            if method == "gfn":
-                train_run(args, method, seed, files, name=f"{args.gfn_name}-seed{seed}", settings=gfn_settings)
-            else:
-                train_run(args, method, seed, files)
+            train_run(args, method, seed, files, settings=gfn_settings if method == "gfn" else None)
     if args.curve:
         curve_runs(args, files, gfn_settings)
     if args.shots:
