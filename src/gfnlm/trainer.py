@@ -179,8 +179,7 @@ class Trainer:
         return 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def extra_parameters(self) -> list[dict]:
-        """Optimizer parameter groups beyond the model's trainable weights (e.g. log Z).
-        """
+        """Optimizer parameter groups beyond the model's trainable weights (e.g. log Z)."""
         return []
 
     def extra_state(self) -> dict:
