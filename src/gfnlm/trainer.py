@@ -47,6 +47,9 @@ from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectorie
 
 logger = logging.getLogger("gfnlm")
 
+METRICS_FILE = "metrics.jsonl"
+"""A run's log in its output folder: one JSON line per logged step, appended across resumes."""
+
 TIMING_KEYS = ("samples_per_s", "step_time_s", "peak_memory_mb")
 """Metrics that measure the machine rather than the run; they differ between identical runs."""
 
@@ -256,7 +259,7 @@ class Trainer:
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in self.progress_keys if k in metrics})
                 if self.output_dir is not None:
                     if self.step % c.log_every == 0 or self.step == c.steps:
-                        with open(self.output_dir / "metrics.jsonl", "a") as f:
+                        with open(self.output_dir / METRICS_FILE, "a") as f:
                             f.write(json.dumps(metrics) + "\n")
                     if self.nan_streak == 0 and (self.step % c.save_every == 0 or self.step == c.steps):
                         self.save_checkpoint()
@@ -345,16 +348,15 @@ class Trainer:
 
     def _truncate_metrics(self) -> None:
         """Drop metrics logged after the step we (re)start from, so a resumed log has no duplicates."""
-        path = self.output_dir / "metrics.jsonl"
-        if not path.exists():
+        if not (self.output_dir / METRICS_FILE).exists():
             return
-        kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= self.step]
-        path.write_text("".join(line + "\n" for line in kept))
+        kept = [row for row in read_logged_metrics(self.output_dir) if row["step"] <= self.step]
+        (self.output_dir / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in kept))
 
 
 def read_logged_metrics(output_dir: Path) -> list[dict]:
     """The rows of a run's metrics.jsonl, one per logged step (none without a log)."""
-    path = Path(output_dir) / "metrics.jsonl"
+    path = Path(output_dir) / METRICS_FILE
     if not path.is_file():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
