@@ -136,7 +136,8 @@ SUBJECTIVITY_ROWS = {  # run-name prefix -> row name, in the paper's order
     "sft-lr1e-3": "supervised fine-tuning, lr 1e-3",
     "sft-lr1e-4": "supervised fine-tuning, lr 1e-4",
     "gfn": "GFlowNet fine-tuning",
-    "em": "GFlowNet + M-step (EM)",
+    "em-lr1e-3": "GFlowNet + M-step (EM), lr 1e-3",
+    "em-lr1e-4": "GFlowNet + M-step (EM), lr 1e-4",
     "gfn-noseed": "GFlowNet, (-) seed buffer",
     "gfn-noseed-noagg": "GFlowNet, (-) seed buffer (-) aggregating",
 }

@@ -1,11 +1,11 @@
 """The subjectivity comparison (paper Table 3, and Table D.4 with --ablation) on one model.
 
 For every training size (10, 20, 50 labelled reviews) and seed it trains, through the command
-line, GFlowNet fine-tuning (E-step), EM (an M-step on the GFlowNet policy's rationales), SFT at
-each learning rate of the sweep, and evaluates few-shot prompting with as many shuffled examples
+line, GFlowNet fine-tuning (E-step), EM (an M-step on the GFlowNet policy's rationales) and SFT,
+each at every learning rate of the sweep, and evaluates few-shot prompting with as many shuffled examples
 as the training size; zero-shot prompting is evaluated once. All are evaluated on the same
 validation split of ../shared/data/subj/train.jsonl (or --test-file). It writes
-    OUT/n{size}/{gfn,em,sft-lr{LR}}-seed{S}/eval.json     (run directories)
+    OUT/n{size}/{gfn,em-lr{LR},sft-lr{LR}}-seed{S}/eval.json  (run directories)
     OUT/n{size}/prompting-seed{S}/eval.json, OUT/zero-shot/eval.json, OUT/base-rationales/eval.json
     OUT/n{size}/gfn-noseed-seed{S}/eval.json               --ablation-sizes: buffer not seeded
     OUT/n{size}/gfn-noseed-noagg-seed{S}/eval.json         ... and one rationale per review
@@ -22,7 +22,7 @@ from pathlib import Path
 from gfnlm.cli import main as gfnlm
 from gfnlm.config import ConfigError, parse_key_values
 
-SFT = ["--steps", "50", "--warmup_steps", "10", "--queries_per_step", "8", "--samples_per_query", "1"]
+SUPERVISED = ["--steps", "50", "--warmup_steps", "10", "--queries_per_step", "8", "--samples_per_query", "1"]
 """SFT and EM's M-step: 400 examples seen (the paper: 100 steps x 256), within CPU reach."""
 
 
@@ -48,7 +48,7 @@ def main() -> None:
     parser.add_argument("--gfn-samples", type=int, default=8, help="rationales per review in a GFlowNet batch")
     parser.add_argument("--gfn-settings", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more GFlowNet settings, e.g. lr=5e-5 buffer_sampling=deficit (also for the ablation)")
-    parser.add_argument("--sft-lrs", nargs="*", default=["1e-3", "1e-4"])
+    parser.add_argument("--lrs", nargs="*", default=["1e-3", "1e-4"], help="learning rates of SFT and of EM's M-step")
     parser.add_argument("--validation-size", type=int, default=100)
     parser.add_argument("--test-file", help="evaluate on this file instead of the validation split")
     parser.add_argument("--ablation-sizes", nargs="*", type=int, default=[],
@@ -79,11 +79,12 @@ def main() -> None:
             if "gfn" in args.methods or "em" in args.methods:
                 run(["train", "--method", "gfn", *seeded, *gfn], root / f"gfn-seed{seed}")
             if "em" in args.methods:
-                run(["train", "--method", "em", "--e_step_run", str(root / f"gfn-seed{seed}"), "--lr", "1e-4",
-                     *seeded, *SFT], root / f"em-seed{seed}")
+                for lr in args.lrs:
+                    run(["train", "--method", "em", "--e_step_run", str(root / f"gfn-seed{seed}"), "--lr", lr,
+                         *seeded, *SUPERVISED], root / f"em-lr{lr}-seed{seed}")
             if "sft" in args.methods:
-                for lr in args.sft_lrs:
-                    run(["train", "--method", "sft", "--lr", lr, *seeded, *SFT], root / f"sft-lr{lr}-seed{seed}")
+                for lr in args.lrs:
+                    run(["train", "--method", "sft", "--lr", lr, *seeded, *SUPERVISED], root / f"sft-lr{lr}-seed{seed}")
             if "prompting" in args.methods:
                 run(["eval", "--method", "prompting", "--shots", str(size), "--shot_seed", str(seed), *data],
                     root / f"prompting-seed{seed}")
