@@ -36,6 +36,14 @@ def run(argv: list[str], out: Path) -> None:
         raise SystemExit(f"failed: gfnlm {' '.join(argv)}")
 
 
+def _flags(parser: argparse.ArgumentParser, option: str, settings: list[str]) -> list[str]:
+    """KEY=VALUE settings as command-line flags (--KEY VALUE); a malformed one is a usage error."""
+    try:
+        return [word for key, value in parse_key_values(settings).items() for word in (f"--{key}", value)]
+    except ConfigError as error:
+        parser.error(f"{option}: {error}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path)
@@ -49,6 +57,8 @@ def main() -> None:
     parser.add_argument("--gfn-settings", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more GFlowNet settings, e.g. lr=5e-5 buffer_sampling=deficit (also for the ablation)")
     parser.add_argument("--lrs", nargs="*", default=["1e-3", "1e-4"], help="learning rates of SFT and of EM's M-step")
+    parser.add_argument("--supervised-settings", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="more settings of SFT and EM's M-step, e.g. balance_labels=true")
     parser.add_argument("--validation-size", type=int, default=100)
     parser.add_argument("--test-file", help="evaluate on this file instead of the validation split")
     parser.add_argument("--ablation-sizes", nargs="*", type=int, default=[],
@@ -64,10 +74,8 @@ def main() -> None:
     gfn = ["--steps", str(args.gfn_steps), "--warmup_steps", "10", "--queries_per_step", "4",
            "--samples_per_query", str(args.gfn_samples), "--reward_temp_horizon", str(max(1, 2 * args.gfn_steps // 3)),
            "--save_every", "10"]
-    try:
-        gfn += [word for key, value in parse_key_values(args.gfn_settings).items() for word in (f"--{key}", value)]
-    except ConfigError as error:
-        parser.error(f"--gfn-settings: {error}")
+    gfn += _flags(parser, "--gfn-settings", args.gfn_settings)
+    supervised = [*SUPERVISED, *_flags(parser, "--supervised-settings", args.supervised_settings)]
     if "prompting" in args.methods:
         run(["eval", "--method", "prompting", "--label", "zero-shot prompting", *common], args.out / "zero-shot")
     if "gfn" in args.methods:  # what the GFlowNet starts from: the base model's own rationales, then its answers
@@ -81,10 +89,10 @@ def main() -> None:
             if "em" in args.methods:
                 for lr in args.lrs:
                     run(["train", "--method", "em", "--e_step_run", str(root / f"gfn-seed{seed}"), "--lr", lr,
-                         *seeded, *SUPERVISED], root / f"em-lr{lr}-seed{seed}")
+                         *seeded, *supervised], root / f"em-lr{lr}-seed{seed}")
             if "sft" in args.methods:
                 for lr in args.lrs:
-                    run(["train", "--method", "sft", "--lr", lr, *seeded, *SUPERVISED], root / f"sft-lr{lr}-seed{seed}")
+                    run(["train", "--method", "sft", "--lr", lr, *seeded, *supervised], root / f"sft-lr{lr}-seed{seed}")
             if "prompting" in args.methods:
                 run(["eval", "--method", "prompting", "--shots", str(size), "--shot_seed", str(seed), *data],
                     root / f"prompting-seed{seed}")

@@ -211,6 +211,19 @@ def _logits(model, ids: list[int]) -> torch.Tensor:
         return model(torch.tensor([ids])).logits[0, -1]
 
 
+@pytest.mark.parametrize("balance, subjective_share", [(False, 0.2), (True, 0.5)])
+def test_supervised_examples_follow_the_label_shares_unless_balanced(data_dir, tmp_path, balance, subjective_share):
+    rows = [{"text": f"review {i}", "label": int(i >= 8)} for i in range(10)]  # 8 objective, 2 subjective
+    (tmp_path / "skewed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = _task(data_dir, train_file=str(tmp_path / "skewed.jsonl"), rationales=False, balance_labels=balance)
+
+    examples = task.sft_examples(4000, torch.Generator().manual_seed(0))
+
+    share = sum(e.query.meta["label"] for e in examples) / len(examples)
+    assert share == pytest.approx(subjective_share, abs=0.03)
+    assert len({e.query.prompt for e in examples}) == 10  # every review is drawn
+
+
 def test_m_step_samples_the_e_step_policy_and_em_evaluation_uses_both_adapters(data_dir, tmp_path):
     tok = _tokenizer()
     e_step = _lora(_lm(), seed=1)
