@@ -27,6 +27,13 @@ builds the benchmark table from ``gfnlm bench --output`` files.
 
 builds the subjectivity table (paper Table 3, Table D.4) from ``scripts/subjectivity_runs.py``'s
 output: accuracy in % for 10, 20 and 50 training examples, mean ± std over seeds.
+
+    python scripts/results_table.py --subjectivity-log-odds runs/subj/n20/em-lr1e-4-seed*
+
+shows where subjectivity runs put their decision (from predictions.jsonl): how many reviews each
+predicts subjective, and the mean over reviews of the rationales' mean log-odds
+log p(subjective) - log p(objective), separately for objective and subjective reviews. A run that
+ranks reviews well but answers one label for all of them has the two means apart but on one side of 0.
 """
 
 from __future__ import annotations
@@ -34,6 +41,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import statistics
 from pathlib import Path
 
 from gfnlm.trainer import logged_training_minutes, read_logged_metrics
@@ -182,6 +190,21 @@ def subjectivity_table(root: Path) -> str:
     return "\n".join(lines)
 
 
+def subjectivity_log_odds_table(runs: list[Path]) -> str:
+    """One row per run: accuracy, reviews predicted subjective, mean log-odds per true label."""
+    header = ["run", "accuracy", "predicted subjective", "mean log-odds, objective reviews",
+              "mean log-odds, subjective reviews"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for run in runs:
+        predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+        by_label = [[statistics.mean(p["log_odds"]) for p in predictions if p["label"] == y] for y in (0, 1)]
+        means = [f"{statistics.mean(v):.2f}" if v else "-" for v in by_label]
+        correct = sum(p["correct"] for p in predictions)
+        cells = [str(run), f"{correct} / {len(predictions)}", str(sum(p["prediction"] for p in predictions)), *means]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def bench_table(files: list[Path]) -> str:
     """One row per benchmark run (device): our step, the reference step, speed-up and memory."""
     header = ["device", "queries x samples", "max T (mean)", "our step (s)", "reference step (s)", "speed-up", "our peak MB", "reference peak MB",
@@ -219,6 +242,8 @@ def main() -> None:
     parser.add_argument("--arithmetic-curve", nargs="+", type=Path, metavar="RUN",
                         help="GFlowNet runs of scripts/arithmetic_runs.py --curve (one table, one figure panel each)")
     parser.add_argument("--figure", type=Path, help="with --arithmetic-curve: also draw the curves into this PNG")
+    parser.add_argument("--subjectivity-log-odds", nargs="+", type=Path, metavar="RUN",
+                        help="subjectivity runs or evaluations holding predictions.jsonl")
     parser.add_argument("--readme", type=Path)
     parser.add_argument("--section", default="random-number")
     args = parser.parse_args()
@@ -233,6 +258,8 @@ def main() -> None:
             print(f"figure: {accuracy_curves(curves, args.figure)}")
     elif args.subjectivity:
         content = subjectivity_table(args.subjectivity)
+    elif args.subjectivity_log_odds:
+        content = subjectivity_log_odds_table(args.subjectivity_log_odds)
     elif args.bench:
         content = bench_table(args.bench)
     else:

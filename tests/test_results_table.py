@@ -47,6 +47,19 @@ def test_subjectivity_table_averages_seeds_and_keeps_the_ablation_rows(tmp_path,
     assert table["GFlowNet, (-) seed buffer (-) aggregating"][:2] == ["52.0", "-"]
 
 
+def test_subjectivity_log_odds_table_splits_the_mean_by_true_label(tmp_path, results_table):
+    run = tmp_path / "em-seed0"
+    run.mkdir()
+    predictions = [{"label": 0, "prediction": 0, "correct": True, "log_odds": [-3.0, -1.0]},
+                   {"label": 0, "prediction": 1, "correct": False, "log_odds": [1.0, 1.0]},
+                   {"label": 1, "prediction": 0, "correct": False, "log_odds": [-0.5, -1.5]}]
+    (run / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+
+    table = rows(results_table.subjectivity_log_odds_table([run]))
+
+    assert table[str(run)] == ["1 / 3", "1", "-0.50", "-1.00"]  # objective: mean of -2 and 1
+
+
 def test_arithmetic_table_names_methods_and_seed_counts(tmp_path, results_table):
     for seed, accuracy in ((0, 0.9), (1, 0.7)):
         write_eval(tmp_path / f"gfn-seed{seed}" / "eval-3ops", method="gfn", operands=3, accuracy=accuracy,
