@@ -1,9 +1,9 @@
 """The subjectivity comparison (paper Table 3, and Table D.4 with --ablation) on one model.
 
 For every training size (10, 20, 50 labelled reviews) and seed it trains, through the command
-line, GFlowNet fine-tuning (E-step), EM (an M-step on the GFlowNet policy's rationales) and SFT,
-each at every learning rate of the sweep, and evaluates few-shot prompting with as many shuffled examples
-as the training size; zero-shot prompting is evaluated once. All are evaluated on the same
+line, GFlowNet fine-tuning (E-step), then EM (an M-step on the GFlowNet policy's rationales) and
+SFT at every learning rate of the sweep (--lrs), and evaluates few-shot prompting with as many
+shuffled examples as the training size; zero-shot prompting is evaluated once. All are evaluated on the same
 validation split of ../shared/data/subj/train.jsonl (or --test-file). It writes
     OUT/n{size}/{gfn,em-lr{LR},sft-lr{LR}}-seed{S}/eval.json  (run directories)
     OUT/n{size}/prompting-seed{S}/eval.json, OUT/zero-shot/eval.json, OUT/base-rationales/eval.json
