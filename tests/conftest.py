@@ -7,6 +7,10 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+"""Parametrise a test over these to run it on a GPU too, where there is one (CI has none)."""
+
 TINY_VOCAB = ["<pad>", "<s>", "</s>", *"0123456789", "+", "-", " "]  # 16 tokens
 
 

@@ -9,9 +9,10 @@ import string
 import pytest
 import torch
 
-from conftest import make_char_tokenizer, make_tiny_lm
+from conftest import DEVICES, make_char_tokenizer, make_tiny_lm, needs_cuda
 from gfnlm.cli import main
 from gfnlm.rewards import LMSuffixReward, lm_prefix_log_likelihoods
+from gfnlm.scoring import score_policy
 from gfnlm.tasks.arithmetic import ArithmeticOptions, ArithmeticTask, calls_histogram, generate_problems, load_problems
 from gfnlm.trajectories import Trajectories
 
@@ -204,3 +205,41 @@ def test_cli_eval_reports_a_bad_test_file(tmp_path, files, capsys):
                  "--worked-file", str(worked), "--train-file", str(plain), "--seed-rationales", "2", "--output-dir", str(tmp_path / "ev")])
     assert code == 2
     assert f"{bad}, row 0: num_sol must be an integer" in capsys.readouterr().err
+
+
+@needs_cuda
+def test_reward_and_policy_scores_agree_across_devices(task):
+    """The same trajectories scored on the GPU and on the CPU: reward (with the cached demonstrations) and log P_F."""
+    model = make_tiny_lm(seed=2, vocab_size=len(task.tokenizer))
+    records = task.seed_records(None, torch.Generator())
+    scores = {}
+    for device in ("cpu", "cuda"):
+        model.to(device)
+        task = ArithmeticTask(task.options, task.tokenizer)  # a fresh reward context on this device
+        traj = Trajectories.from_records(records, task.tokenizer.pad_token_id, device=device)
+        with torch.no_grad():
+            scores[device] = [t.cpu() for t in (task.reward(model)(traj), *score_policy(model, traj, task.action_space()))]
+    for on_gpu, on_cpu in zip(scores["cuda"], scores["cpu"], strict=True):
+        torch.testing.assert_close(on_gpu, on_cpu, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["gfn", "sft"])
+def test_cli_trains_then_evaluates_on_the_test_file(tmp_path, files, method, device):
+    """Training with the calculator in the sampling loop, then the vote over rationales, on each device."""
+    model_dir = tmp_path / "tiny"
+    tokenizer = _tokenizer()
+    make_tiny_lm(vocab_size=len(tokenizer)).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    worked, plain = files
+    run = tmp_path / "run"
+    assert main(["train", "--task", "arithmetic", "--method", method, "--model", str(model_dir), "--output-dir", str(run),
+                 "--worked-file", str(worked), "--train-file", str(plain), "--test-file", str(plain),
+                 "--seed-rationales", "2", "--reward-shots", "2", "--max-len", "24", "--min-len", "2", "--eval-samples", "2",
+                 "--eval-max-len", "6", "--answer-max-tokens", "3", "--steps", "2", "--queries-per-step", "2",
+                 "--samples-per-query", "2", "--lora-rank", "2", "--progress", "false", "--device", device]) == 0
+    result = json.loads((run / "eval.json").read_text())
+    assert result["n_questions"] == 2 and result["train_steps"] == 2
+    assert sum(result["calculator_calls"].values()) == 2 * 2
+    steps = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert not any(step["skipped"] for step in steps)  # finite losses: SFT's worked rationales fit max_len

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import yaml
-from conftest import make_char_tokenizer, make_tiny_lm
+from conftest import DEVICES, make_char_tokenizer, make_tiny_lm
 
 from gfnlm.cli import build_parser, main
 from gfnlm.config import ConfigError, TrainConfig, apply_settings, parse_key_values, parse_overrides
@@ -23,13 +23,14 @@ def tiny_model_dir(tmp_path):
     return folder
 
 
-def test_train_eval_and_resume(tiny_model_dir, tmp_path, capsys):
+@pytest.mark.parametrize("device", DEVICES)
+def test_train_eval_and_resume(tiny_model_dir, tmp_path, capsys, device):
     run = tmp_path / "run"
-    assert main(["train", "--model", str(tiny_model_dir), "--output-dir", str(run), *TINY_RUN]) == 0
+    assert main(["train", "--model", str(tiny_model_dir), "--output-dir", str(run), *TINY_RUN, "--device", device]) == 0
     for name in ("config.yaml", "metrics.jsonl", "eval.json", "histogram.png"):
         assert (run / name).is_file(), name
     saved = yaml.safe_load((run / "config.yaml").read_text())
-    assert saved["steps"] == 3 and saved["prompt"] == "1+2" and saved["method"] == "gfn"
+    assert saved["steps"] == 3 and saved["prompt"] == "1+2" and saved["method"] == "gfn" and saved["device"] == device
     result = json.loads((run / "eval.json").read_text())
     assert set(result) >= {"valid_mass", "kl", "tv", "js", "train_steps"} and result["train_steps"] == 3
     assert "valid_mass" in capsys.readouterr().out
@@ -45,10 +46,12 @@ def test_train_eval_and_resume(tiny_model_dir, tmp_path, capsys):
     assert json.loads((out / "eval.json").read_text())["label"] == "gfn"
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["sft", "ppo"])
-def test_baseline_methods_run(tiny_model_dir, tmp_path, method):
+def test_baseline_methods_run(tiny_model_dir, tmp_path, method, device):
     run = tmp_path / method
-    assert main(["train", "--method", method, "--model", str(tiny_model_dir), "--output-dir", str(run), *TINY_RUN]) == 0
+    assert main(["train", "--method", method, "--model", str(tiny_model_dir), "--output-dir", str(run), *TINY_RUN,
+                 "--device", device]) == 0
     assert json.loads((run / "eval.json").read_text())["label"] == method
 
 

@@ -8,7 +8,7 @@ import itertools
 
 import pytest
 import torch
-from conftest import make_tiny_lm
+from conftest import needs_cuda, make_tiny_lm
 
 from gfnlm.config import TrainConfig
 from gfnlm.scoring import score_policy, terminal_log_prob
@@ -45,23 +45,24 @@ class TableReward:
 
 def exact_policy_distribution(model, space) -> torch.Tensor:
     records = [TrajectoryRecord(QUERY, [1, 10], list(s), [True] * len(s)) for s in SEQUENCES]
-    traj = Trajectories.from_records(records, pad_token_id=0)
+    traj = Trajectories.from_records(records, pad_token_id=0, device=model.device)
     with torch.no_grad():
         return terminal_log_prob(*score_policy(model, traj, space), traj.lengths).exp()
 
 
-@pytest.mark.parametrize("loss, min_len", [("subtb", 0), ("tb", 0), ("subtb", 1)])
-def test_trained_policy_matches_target(tokenizer, loss, min_len):
+@pytest.mark.parametrize("loss, min_len, device", [("subtb", 0, "cpu"), ("tb", 0, "cpu"), ("subtb", 1, "cpu"),
+                                                   pytest.param("subtb", 0, "cuda", marks=needs_cuda)])
+def test_trained_policy_matches_target(tokenizer, loss, min_len, device):
     """min_len=1: the empty sequence is impossible, and the target is renormalised without it."""
     space = ActionSpace(stop_token_ids=(STOP,), max_len=MAX_LEN, min_len=min_len, allowed_token_ids=ALLOWED)
     reward = TableReward(seed=1, min_len=min_len)
     config = TrainConfig(
         steps=300, queries_per_step=1, samples_per_query=32, lr=3e-3, lora_rank=0, loss=loss, log_z_lr=0.1,
-        p_replay=0.2, p_tempered=0.4, pf_temp_min=1.0, pf_temp_max=2.0, max_grad_norm=10.0, device="cpu",
+        p_replay=0.2, p_tempered=0.4, pf_temp_min=1.0, pf_temp_max=2.0, max_grad_norm=10.0, device=device,
         progress=False, seed=0,
     )
     trainer = GFlowNetTrainer(make_tiny_lm(seed=3), tokenizer, reward, [QUERY], space, config)
-    target = reward.target()
+    target = reward.target().to(device)
     before = exact_policy_distribution(trainer.model, space)
     assert before.sum().item() == pytest.approx(1.0, abs=1e-5)  # the enumeration covers every outcome
     tv_before = 0.5 * (before - target).abs().sum().item()

@@ -8,7 +8,7 @@ import string
 
 import pytest
 import torch
-from conftest import make_char_tokenizer, make_tiny_lm
+from conftest import DEVICES, make_char_tokenizer, make_tiny_lm
 from peft import LoraConfig, get_peft_model
 
 from gfnlm.cli import main
@@ -258,14 +258,15 @@ def test_m_step_samples_the_e_step_policy_and_em_evaluation_uses_both_adapters(d
     assert task.evaluate(m_step, None, "em")["n_reviews"] == 8
 
 
-def test_cli_trains_gfn_then_em_and_evaluates_baselines(data_dir, tmp_path):
+@pytest.mark.parametrize("device", DEVICES)
+def test_cli_trains_gfn_then_em_and_evaluates_baselines(data_dir, tmp_path, device):
     folder = tmp_path / "tiny"
     _lm().save_pretrained(folder)
     _tokenizer().save_pretrained(folder)
     common = ["--model", str(folder), "--task", "subjectivity", "--data_dir", str(data_dir), "--validation_size", "6",
               "--eval_samples", "2", "--max_len", "3", "--inverse_prompt_samples", "2", "--steps", "2",
               "--queries_per_step", "2", "--samples_per_query", "2", "--lora_rank", "2", "--progress", "false",
-              "--device", "cpu"]
+              "--device", device]
     gfn = tmp_path / "gfn"
     assert main(["train", "--method", "gfn", "--output-dir", str(gfn), *common]) == 0
     saved = (gfn / "config.yaml").read_text()
