@@ -352,6 +352,8 @@ def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> d
 
     results: dict = {"settings": asdict(s), "device": _device_name(device)}
     if s.reference_repeats > 0:
+        echo("computing the loss both ways on the same trajectories; the reference takes one query at a time, "
+             "so this is the slowest part ...")
         fast, ref, ref_seconds = paths.check_equal()
         echo(f"same trajectories, same loss: ours {fast:.6f}, reference {ref:.6f} (|diff| {abs(fast - ref):.2e})")
         results |= {"loss_ours": fast, "loss_reference": ref, "loss_abs_diff": abs(fast - ref)}
