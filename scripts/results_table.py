@@ -26,7 +26,9 @@ builds the benchmark table from ``gfnlm bench --output`` files.
     python scripts/results_table.py --subjectivity runs/subj --readme README.md --section subjectivity
 
 builds the subjectivity table (paper Table 3, Table D.4) from ``scripts/subjectivity_runs.py``'s
-output: accuracy in % for 10, 20 and 50 training examples, mean ± std over seeds.
+output: accuracy in % for 10, 20 and 50 training examples, mean ± std over seeds. With
+``--metric auc``: the ROC AUC of each run's per-review log-odds instead (in %), which says how
+well a method ranks the reviews whatever the decision threshold.
 
     python scripts/results_table.py --subjectivity-log-odds runs/subj/n20/em-lr1e-4-seed*
 
@@ -158,8 +160,21 @@ def _seed_counts(by_size: dict[int, list[float]], sizes: list[int]) -> str:
     return present.pop() if len(present) == 1 else " / ".join(counts)
 
 
-def subjectivity_table(root: Path) -> str:
-    """Rows: methods; columns: accuracy per training size over seeds (zero-shot in every column)."""
+def subjectivity_score(run: Path, metric: str) -> float:
+    """A run's accuracy (eval.json), or the ROC AUC of its per-review log-odds (predictions.jsonl)."""
+    if metric == "accuracy":
+        return json.loads((run / "eval.json").read_text())["accuracy"]
+    return roc_auc(*_log_odds_by_label(run))
+
+
+def _log_odds_by_label(run: Path) -> list[list[float]]:
+    """Each review's mean log-odds log p(subjective) - log p(objective), for objective then subjective reviews."""
+    predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+    return [[statistics.mean(p["log_odds"]) for p in predictions if p["label"] == y] for y in (0, 1)]
+
+
+def subjectivity_table(root: Path, metric: str = "accuracy") -> str:
+    """Rows: methods; columns: accuracy (or ROC AUC) per training size over seeds (zero-shot in every column)."""
     groups: dict[str, dict[int, list[float]]] = {}
     steps: dict[str, set[int]] = {}
     reviews: set[int] = set()
@@ -168,7 +183,7 @@ def subjectivity_table(root: Path) -> str:
         path = root / folder / "eval.json"
         if path.is_file():  # needs no training examples: the same figure in every column
             r = json.loads(path.read_text())
-            groups[name] = {n: [r["accuracy"]] for n in sizes}
+            groups[name] = {n: [subjectivity_score(path.parent, metric)] for n in sizes}
             reviews.add(r["n_reviews"])
     for path in sorted(root.glob("n*/*-seed*/eval.json")):
         prefix = path.parent.name.rsplit("-seed", 1)[0]
@@ -176,11 +191,13 @@ def subjectivity_table(root: Path) -> str:
             continue
         r = json.loads(path.read_text())
         name = SUBJECTIVITY_ROWS[prefix]
-        groups.setdefault(name, {}).setdefault(int(path.parent.parent.name[1:]), []).append(r["accuracy"])
+        groups.setdefault(name, {}).setdefault(int(path.parent.parent.name[1:]), []).append(
+            subjectivity_score(path.parent, metric))
         reviews.add(r["n_reviews"])
         if "train_steps" in r:
             steps.setdefault(name, set()).add(r["train_steps"])
-    header = ["method", *(f"{n} examples" for n in sizes), "n seeds", "steps", "reviews evaluated"]
+    column = "{} examples" if metric == "accuracy" else "ROC AUC, {} examples"
+    header = ["method", *(column.format(n) for n in sizes), "n seeds", "steps", "reviews evaluated"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     order = ["zero-shot prompting", "base model, sampled rationales", *SUBJECTIVITY_ROWS.values()]
     for name in [n for n in order if n in groups]:
@@ -191,18 +208,26 @@ def subjectivity_table(root: Path) -> str:
 
 
 def subjectivity_log_odds_table(runs: list[Path]) -> str:
-    """One row per run: accuracy, reviews predicted subjective, mean log-odds per true label."""
+    """One row per run: accuracy, reviews predicted subjective, mean log-odds per true label, and
+    the ROC AUC of the log-odds: how well they rank the reviews, whatever the threshold."""
     header = ["run", "accuracy", "predicted subjective", "mean log-odds, objective reviews",
-              "mean log-odds, subjective reviews"]
+              "mean log-odds, subjective reviews", "ROC AUC"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
         predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
-        by_label = [[statistics.mean(p["log_odds"]) for p in predictions if p["label"] == y] for y in (0, 1)]
+        by_label = _log_odds_by_label(run)
         means = [f"{statistics.mean(v):.2f}" if v else "-" for v in by_label]
+        auc = f"{roc_auc(*by_label):.2f}" if all(by_label) else "-"
         correct = sum(p["correct"] for p in predictions)
-        cells = [str(run), f"{correct} / {len(predictions)}", str(sum(p["prediction"] for p in predictions)), *means]
+        cells = [str(run), f"{correct} / {len(predictions)}", str(sum(p["prediction"] for p in predictions)), *means, auc]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def roc_auc(negatives: list[float], positives: list[float]) -> float:
+    """P(a positive scores above a negative), ties counted half (the Mann-Whitney statistic)."""
+    wins = sum((p > n) + 0.5 * (p == n) for p in positives for n in negatives)
+    return wins / (len(positives) * len(negatives))
 
 
 def bench_table(files: list[Path]) -> str:
@@ -239,6 +264,8 @@ def main() -> None:
     parser.add_argument("--arithmetic", type=Path, help="output folder of scripts/arithmetic_runs.py")
     parser.add_argument("--bench", nargs="*", type=Path, help="JSON files of gfnlm bench --output")
     parser.add_argument("--subjectivity", type=Path, help="output folder of scripts/subjectivity_runs.py")
+    parser.add_argument("--metric", choices=["accuracy", "auc"], default="accuracy",
+                        help="with --subjectivity: accuracy, or the ROC AUC of the log-odds (ranking, whatever the threshold)")
     parser.add_argument("--arithmetic-curve", nargs="+", type=Path, metavar="RUN",
                         help="GFlowNet runs of scripts/arithmetic_runs.py --curve (one table, one figure panel each)")
     parser.add_argument("--figure", type=Path, help="with --arithmetic-curve: also draw the curves into this PNG")
@@ -257,7 +284,7 @@ def main() -> None:
 
             print(f"figure: {accuracy_curves(curves, args.figure)}")
     elif args.subjectivity:
-        content = subjectivity_table(args.subjectivity)
+        content = subjectivity_table(args.subjectivity, args.metric)
     elif args.subjectivity_log_odds:
         content = subjectivity_log_odds_table(args.subjectivity_log_odds)
     elif args.bench:

@@ -47,17 +47,33 @@ def test_subjectivity_table_averages_seeds_and_keeps_the_ablation_rows(tmp_path,
     assert table["GFlowNet, (-) seed buffer (-) aggregating"][:2] == ["52.0", "-"]
 
 
-def test_subjectivity_log_odds_table_splits_the_mean_by_true_label(tmp_path, results_table):
+def test_subjectivity_table_can_rank_by_roc_auc(tmp_path, results_table):
+    def write_run(folder, log_odds_by_label):
+        write_eval(folder, accuracy=0.5, n_reviews=4)
+        predictions = [{"label": y, "log_odds": [v]} for y, values in enumerate(log_odds_by_label) for v in values]
+        (folder / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
+
+    write_run(tmp_path / "n10" / "sft-lr1e-4-seed0", ([-3.0, -2.0], [-1.0, -0.5]))  # all below 0, ranked right
+    write_run(tmp_path / "n10" / "sft-lr1e-4-seed1", ([-1.0, 2.0], [1.0, 1.0]))  # subjective above one of two
+
+    table = rows(results_table.subjectivity_table(tmp_path, metric="auc"))
+
+    assert table["supervised fine-tuning, lr 1e-4"][0] == "75.0 ± 35.4"  # AUC 1 and 0.5
+
+
+def test_subjectivity_log_odds_table_splits_the_mean_by_true_label_and_ranks_the_reviews(tmp_path, results_table):
     run = tmp_path / "em-seed0"
     run.mkdir()
     predictions = [{"label": 0, "prediction": 0, "correct": True, "log_odds": [-3.0, -1.0]},
                    {"label": 0, "prediction": 1, "correct": False, "log_odds": [1.0, 1.0]},
-                   {"label": 1, "prediction": 0, "correct": False, "log_odds": [-0.5, -1.5]}]
+                   {"label": 1, "prediction": 0, "correct": False, "log_odds": [-0.5, -1.5]},
+                   {"label": 1, "prediction": 1, "correct": True, "log_odds": [2.0]}]
     (run / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in predictions))
 
     table = rows(results_table.subjectivity_log_odds_table([run]))
 
-    assert table[str(run)] == ["1 / 3", "1", "-0.50", "-1.00"]  # objective: mean of -2 and 1
+    # objective reviews: means -2 and 1; subjective: -1 and 2, above -2 twice and above 1 once, so AUC 3/4
+    assert table[str(run)] == ["2 / 4", "2", "-0.50", "0.50", "0.75"]
 
 
 def test_arithmetic_table_names_methods_and_seed_counts(tmp_path, results_table):
