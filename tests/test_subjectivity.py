@@ -12,6 +12,7 @@ from conftest import DEVICES, make_char_tokenizer, make_tiny_lm
 from peft import LoraConfig, get_peft_model
 
 from gfnlm.cli import main
+from gfnlm.rewards import lm_prefix_log_likelihoods
 from gfnlm.sampling import encode_prompts, sample
 from gfnlm.tasks.subjectivity import (
     INVERSE_PROMPT,
@@ -149,6 +150,24 @@ def test_rationale_label_scores_are_the_lm_likelihoods_in_a_padded_batch(data_di
         for j, label in enumerate(("objective", "subjective")):
             expected = _full_log_prob(model, tok, review.prompt() + z, f", so it is {label}.")
             assert scores[b, j].item() == pytest.approx(expected, abs=1e-4)
+
+
+def test_reward_likelihood_weight_scales_only_the_labels_likelihood(data_dir):
+    """R = p(Z | X) p(Y | X Z)^v: v = 3 adds twice log p(Y | X Z) to every prefix's log R."""
+    model, tok = _lm(), _tokenizer()
+    task = _task(data_dir)
+    records = []
+    for query, z in zip(task.train_queries()[:3], ("abc", "a", "xy")):
+        ids = tok(z, add_special_tokens=False)["input_ids"]
+        records.append(TrajectoryRecord(query, encode_prompts(tok, [query])[0], ids, [True] * len(ids)))
+    traj = Trajectories.from_records(records, 0)
+    joint = task.reward(model)(traj)
+    weighted = _task(data_dir, reward_likelihood_weight=3.0).reward(model)(traj)
+    prior = lm_prefix_log_likelihoods(model, traj)
+    for b, n in enumerate(traj.lengths.tolist()):
+        likelihood = (joint - prior)[b, : n + 1]
+        assert (likelihood < 0).all()  # a label is never certain: the weight has something to scale
+        torch.testing.assert_close(weighted[b, : n + 1], joint[b, : n + 1] + 2 * likelihood, atol=1e-4, rtol=1e-5)
 
 
 def test_vote_is_the_majority_and_ties_go_to_the_log_odds():

@@ -36,7 +36,7 @@ from gfnlm.exact import token_strings
 from gfnlm.models import stop_token_ids
 from gfnlm.rewards import LMSuffixReward, adapter_disabled
 from gfnlm.sampling import encode_prompts, sample, take_action
-from gfnlm.tasks.base import Task, TaskOptions
+from gfnlm.tasks.base import Task, TaskOptions, likelihood_weight_setting
 from gfnlm.tools import CalculatorTool, fill_in_results, last_tool_result
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
 
@@ -129,8 +129,7 @@ class ArithmeticOptions(TaskOptions):
         "Worked examples (X, Z, Y): reward demonstrations, buffer seeds, SFT data; also trained on.")
     seed_rationales: int = setting(50, "Worked rationales put in the replay buffer before training (Table E.3).")
     reward_shots: int = setting(3, "Worked examples prepended to the reward's context (paper: 3).")
-    reward_likelihood_weight: float = setting(
-        1.0, "Weight v of log p(Y | X Z) in the reward, R = p(Z | X) p(Y | X Z)^v: 1 is the paper's posterior; "
+    reward_likelihood_weight: float = likelihood_weight_setting(
         "v > 1 weighs down the short wrong chains a small LM's prior favours.")
     max_len: int = setting(24, "Most rationale tokens (actions) during training.")
     min_len: int = setting(5, "Fewest rationale tokens before the policy may stop (paper: 5).")

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from gfnlm.config import setting
 from gfnlm.rewards import Reward
 from gfnlm.sampling import ToolHook
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
@@ -22,6 +23,12 @@ from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
 @dataclass
 class TaskOptions:
     """Options shared by every task (subclasses add their own)."""
+
+
+def likelihood_weight_setting(why: str) -> float:
+    """The option v of a posterior reward R = p(Z | X) p(Y | X Z)^v (``LMSuffixReward``), for tasks that expose it."""
+    return setting(1.0, f"Weight v of log p(Y | X Z) in the reward, R = p(Z | X) p(Y | X Z)^v: 1 is the paper's "
+                        f"posterior; {why}")
 
 
 class Task(ABC):

@@ -55,7 +55,7 @@ from gfnlm.rewards import (
     lm_continuation_log_likelihoods,
 )
 from gfnlm.sampling import encode_prompts, eval_mode, require_pad_token, sample
-from gfnlm.tasks.base import Task, TaskOptions
+from gfnlm.tasks.base import Task, TaskOptions, likelihood_weight_setting
 from gfnlm.trajectories import ActionSpace, Query, Trajectories, TrajectoryRecord
 
 DATA_DIR = "../shared/data/subj"
@@ -137,6 +137,8 @@ class SubjectivityOptions(TaskOptions):
         True, "The rationale may not use the label words, their first 3+ letters ('subj', 'object') or words "
         "built on them ('objectively'): with them, q(Z | X) can name the answer instead of giving a reason, "
         "and it did (Z = 'subjective', 'subject' or 'subj' for most samples of either class).")
+    reward_likelihood_weight: float = likelihood_weight_setting(
+        "v > 1 favours rationales after which the LM gives the true label more probability.")
     max_len: int = setting(5, "Most rationale tokens (Table D.3).")
     min_len: int = setting(1, "Fewest rationale tokens (Table D.3).")
     seed_buffer: bool = setting(True, "Seed the replay buffer with inverse-prompted rationales (Table D.4 ablation).")
@@ -226,7 +228,7 @@ class SubjectivityTask(Task):
         return max(map(len, self.answer_ids(template)))
 
     def reward(self, model) -> LMSuffixReward:
-        return LMSuffixReward(model, self.tokenizer)
+        return LMSuffixReward(model, self.tokenizer, likelihood_weight=self.options.reward_likelihood_weight)
 
     def seed_records(self, model, generator: torch.Generator) -> list[TrajectoryRecord]:
         """Rationales the base model proposes when told the label (inverse prompting, paper App. D)."""
