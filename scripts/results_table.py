@@ -141,16 +141,28 @@ def arithmetic_curve_table(curves: dict[str, CurvePoints]) -> str:
     return "\n".join(lines)
 
 
-SUBJECTIVITY_ROWS = {  # run-name prefix -> row name, in the paper's order
+SUBJECTIVITY_ROWS = {  # run-name prefix (before any "-lr{LR}") -> row name, in the paper's order
     "prompting": "few-shot prompting",
-    "sft-lr1e-3": "supervised fine-tuning, lr 1e-3",
-    "sft-lr1e-4": "supervised fine-tuning, lr 1e-4",
+    "sft": "supervised fine-tuning",
     "gfn": "GFlowNet fine-tuning",
-    "em-lr1e-3": "GFlowNet + M-step (EM), lr 1e-3",
-    "em-lr1e-4": "GFlowNet + M-step (EM), lr 1e-4",
+    "em": "GFlowNet + M-step (EM)",
     "gfn-noseed": "GFlowNet, (-) seed buffer",
     "gfn-noseed-noagg": "GFlowNet, (-) seed buffer (-) aggregating",
 }
+
+
+def subjectivity_row(run_name: str) -> tuple[tuple[int, float], str] | None:
+    """A run folder's row (sort key, name): "sft-lr5e-4-seed1" -> "supervised fine-tuning, lr 5e-4"; None
+    for folders of other methods. Rows of one method sort by falling learning rate."""
+    prefix = run_name.rsplit("-seed", 1)[0]
+    method, _, lr = prefix.partition("-lr")
+    if method not in SUBJECTIVITY_ROWS:
+        return None
+    try:
+        key = (list(SUBJECTIVITY_ROWS).index(method), -float(lr) if lr else 0.0)
+    except ValueError:
+        return None
+    return key, SUBJECTIVITY_ROWS[method] + (f", lr {lr}" if lr else "")
 
 
 def _seed_counts(by_size: dict[int, list[float]], sizes: list[int]) -> str:
@@ -185,12 +197,14 @@ def subjectivity_table(root: Path, metric: str = "accuracy") -> str:
             r = json.loads(path.read_text())
             groups[name] = {n: [subjectivity_score(path.parent, metric)] for n in sizes}
             reviews.add(r["n_reviews"])
+    order: dict[str, tuple[int, float]] = {}
     for path in sorted(root.glob("n*/*-seed*/eval.json")):
-        prefix = path.parent.name.rsplit("-seed", 1)[0]
-        if prefix not in SUBJECTIVITY_ROWS:
+        row = subjectivity_row(path.parent.name)
+        if row is None:
             continue
+        key, name = row
+        order[name] = key
         r = json.loads(path.read_text())
-        name = SUBJECTIVITY_ROWS[prefix]
         groups.setdefault(name, {}).setdefault(int(path.parent.parent.name[1:]), []).append(
             subjectivity_score(path.parent, metric))
         reviews.add(r["n_reviews"])
@@ -199,8 +213,8 @@ def subjectivity_table(root: Path, metric: str = "accuracy") -> str:
     column = "{} examples" if metric == "accuracy" else "ROC AUC, {} examples"
     header = ["method", *(column.format(n) for n in sizes), "n seeds", "steps", "reviews evaluated"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    order = ["zero-shot prompting", "base model, sampled rationales", *SUBJECTIVITY_ROWS.values()]
-    for name in [n for n in order if n in groups]:
+    untrained = [n for n in ("zero-shot prompting", "base model, sampled rationales") if n in groups]
+    for name in [*untrained, *sorted(order, key=order.get)]:
         cells = [_mean_std(groups[name][n]) if n in groups[name] else "-" for n in sizes]
         lines.append("| " + " | ".join([name, *cells, _seed_counts(groups[name], sizes), ", ".join(map(str, sorted(steps.get(name, [])))) or "-",
                                         "/".join(map(str, sorted(reviews)))]) + " |")

@@ -47,6 +47,18 @@ def test_subjectivity_table_averages_seeds_and_keeps_the_ablation_rows(tmp_path,
     assert table["GFlowNet, (-) seed buffer (-) aggregating"][:2] == ["52.0", "-"]
 
 
+def test_subjectivity_rows_are_named_by_any_learning_rate(tmp_path, results_table):
+    for name, accuracy in (("sft-lr1e-4", 0.8), ("sft-lr5e-4", 0.7), ("sft-lr1e-3", 0.6), ("em-lr2e-4", 0.5),
+                           ("sft-lrfast", 0.9)):
+        write_eval(tmp_path / "n10" / f"{name}-seed0", accuracy=accuracy, n_reviews=100, train_steps=50)
+
+    table = rows(results_table.subjectivity_table(tmp_path))
+
+    assert list(table) == ["supervised fine-tuning, lr 1e-3", "supervised fine-tuning, lr 5e-4",
+                           "supervised fine-tuning, lr 1e-4", "GFlowNet + M-step (EM), lr 2e-4"]  # "lrfast": not a rate
+    assert table["supervised fine-tuning, lr 5e-4"][0] == "70.0"
+
+
 def test_subjectivity_table_can_rank_by_roc_auc(tmp_path, results_table):
     def write_run(folder, log_odds_by_label):
         write_eval(folder, accuracy=0.5, n_reviews=4)
