@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
@@ -14,12 +16,15 @@ DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
 TINY_VOCAB = ["<pad>", "<s>", "</s>", *"0123456789", "+", "-", " "]  # 16 tokens
 
 
-def make_char_tokenizer(chars: str = "".join(TINY_VOCAB[3:]), add_bos: bool = True) -> PreTrainedTokenizerFast:
-    """One token per character of ``chars`` (after <pad>, <s>, </s>); <s> prepended if ``add_bos``;
+def make_char_tokenizer(chars: str = "".join(TINY_VOCAB[3:]), add_bos: bool = True,
+                        merged: tuple[str, ...] = ()) -> PreTrainedTokenizerFast:
+    """One token per character of ``chars`` (after <pad>, <s>, </s>), except the ``merged`` strings, one
+    token each wherever they occur (as real BPE vocabularies merge " =,"); <s> prepended if ``add_bos``;
     decodes by concatenation."""
-    vocab = [*TINY_VOCAB[:3], *chars]
+    vocab = [*TINY_VOCAB[:3], *chars, *merged]
     backend = Tokenizer(models.WordLevel({t: i for i, t in enumerate(vocab)}, unk_token="<pad>"))
-    backend.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    pieces = "|".join([*(re.escape(m) for m in merged), "."])
+    backend.pre_tokenizer = pre_tokenizers.Split(Regex(pieces), behavior="isolated")
     if add_bos:
         backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     backend.decoder = decoders.Fuse()

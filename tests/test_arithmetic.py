@@ -104,6 +104,17 @@ def test_rationale_record_replays_the_calculator(task):
     assert tok.decode(list(space.stop_token_ids)) == "."
 
 
+def test_rationale_record_splits_a_token_that_spans_the_calculators_place(files):
+    """Gemma's tokenizer writes " =," as one token; the calculator's result must go between "=" and ","."""
+    worked, plain = files
+    tok = make_char_tokenizer(chars=string.ascii_letters + string.digits + " +-=,.?:", merged=(" =,",))
+    assert tok.convert_tokens_to_ids(" =,") in tok(" 9 + 4 =, 13", add_special_tokens=False)["input_ids"]
+    task = ArithmeticTask(ArithmeticOptions(train_file=str(plain), worked_file=str(worked), reward_shots=2, seed_rationales=2), tok)
+    record = task.rationale_record(task.worked[1])
+    assert tok.decode(record.generated_ids) == " 9 + 4 = 13, 13 - 8 = 5"
+    assert all(t in task.allowed_ids for t, a in zip(record.generated_ids, record.is_action) if a)
+
+
 def test_train_queries_are_worked_plus_plain_without_duplicates(task):
     queries = task.train_queries()
     assert [q.prompt for q in queries][:3] == [r["str_query"] for r in WORKED]

@@ -45,6 +45,9 @@ logger = logging.getLogger("gfnlm")
 DATA_DIR = "../shared/data/arithmetic"
 RATIONALE_TOKEN = re.compile(r" ?[0-9+\-=,]| ")
 """Text of a token the rationale may use: one digit, operator, "=" or ",", optionally after a space."""
+RATIONALE_UNIT = re.compile(r" ?[^ ]")
+"""A worked rationale's characters, each with the space before it, are tokenized one by one: a tokenizer
+may merge " =," into one token (Gemma's does), which would leave the calculator no place to insert."""
 _INTEGER = re.compile(r"-?\d+")
 ZERO_SHOT_CUE = "Let us think step by step."
 DEFAULT_TRAIN_EVAL_QUESTIONS = 100
@@ -221,7 +224,8 @@ class ArithmeticTask(Task):
     def rationale_record(self, problem: Problem) -> TrajectoryRecord:
         """A worked rationale as the policy would write it: its actions, with the calculator inserting after "="."""
         query = self.query(problem)
-        actions = self.tokenizer(" " + problem.rationale, add_special_tokens=False)["input_ids"]
+        actions = [token for unit in RATIONALE_UNIT.findall(" " + problem.rationale)
+                   for token in self.tokenizer(unit, add_special_tokens=False)["input_ids"]]
         allowed = set(self.allowed_ids)
         bad = [self.tokenizer.decode([t]) for t in actions if t not in allowed]
         if bad:
