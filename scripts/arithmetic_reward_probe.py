@@ -21,7 +21,7 @@ from dataclasses import replace
 import torch
 
 from gfnlm.models import load_model_and_tokenizer
-from gfnlm.rewards import lm_prefix_log_likelihoods
+from gfnlm.rewards import lm_prefix_log_likelihoods, terminal_values
 from gfnlm.tasks.arithmetic import ArithmeticOptions, ArithmeticTask, Problem
 from gfnlm.trajectories import Trajectories
 
@@ -47,10 +47,9 @@ def terminal_scores(task: ArithmeticTask, model, problems: list[Problem], ration
         records = [task.rationale_record(replace(p, rationale=z))
                    for p, z in zip(problems[start:start + batch_size], rationales[start:start + batch_size])]
         traj = Trajectories.from_records(records, task.tokenizer.pad_token_id)
-        end = traj.lengths[:, None]
         with torch.no_grad():
-            log_r.append(reward(traj).gather(1, end).squeeze(1))
-            prior.append(lm_prefix_log_likelihoods(model, traj, context=context).gather(1, end).squeeze(1))
+            log_r.append(terminal_values(reward(traj), traj))
+            prior.append(terminal_values(lm_prefix_log_likelihoods(model, traj, context=context), traj))
     return torch.cat(log_r), torch.cat(prior)
 
 

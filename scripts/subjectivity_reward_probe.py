@@ -14,6 +14,7 @@ import argparse
 import torch
 
 from gfnlm.models import load_model_and_tokenizer
+from gfnlm.rewards import terminal_values
 from gfnlm.sampling import text_records
 from gfnlm.tasks.subjectivity import LABELS, SubjectivityOptions, SubjectivityTask
 from gfnlm.trajectories import Query, Trajectories
@@ -26,7 +27,7 @@ def terminal_log_rewards(task: SubjectivityTask, reward, query: Query, rationale
     records = text_records(task.tokenizer, [(query, " " + z) for z in rationales])
     traj = Trajectories.from_records(records, task.tokenizer.pad_token_id or 0, torch.device("cpu"))
     with torch.no_grad():
-        return reward(traj).gather(1, traj.lengths[:, None]).squeeze(1)
+        return terminal_values(reward(traj), traj)
 
 
 def main() -> None:

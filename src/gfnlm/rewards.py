@@ -67,6 +67,11 @@ def compute_log_rewards(reward: Reward, traj: Trajectories) -> Tensor:
     return check_log_rewards(reward(traj), traj, name)
 
 
+def terminal_values(per_state: Tensor, traj: Trajectories) -> Tensor:
+    """Each trajectory's entry at its terminal state, from per-state values such as log R [B, T+1]: [B]."""
+    return per_state.gather(1, traj.lengths[:, None].to(per_state.device)).squeeze(1)
+
+
 @contextlib.contextmanager
 def adapter_disabled(model):
     """Context in which ``model`` runs as its base model, with every adapter layer inside it off.

@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from gfnlm.buffer import ReplayBuffer
 from gfnlm.config import TrainConfig
 from gfnlm.losses import detailed_balance_loss, modified_subtb_loss, trajectory_balance_loss
-from gfnlm.rewards import Reward, adapter_disabled, compute_log_rewards
+from gfnlm.rewards import Reward, adapter_disabled, compute_log_rewards, terminal_values
 from gfnlm.sampling import ToolHook, eval_mode, require_pad_token, sample, text_records
 from gfnlm.scoring import score_policy, terminal_log_prob
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
@@ -477,7 +477,7 @@ class GFlowNetTrainer(Trainer):
             chunk = list(records[start : start + batch_size])
             traj = Trajectories.from_records(chunk, self.pad_id, self.device)
             log_r = compute_log_rewards(self.reward, traj)
-            added += self.buffer.add(chunk, self._terminal(log_r, traj).tolist())
+            added += self.buffer.add(chunk, terminal_values(log_r, traj).tolist())
         if added < len(records):
             logger.warning("replay buffer kept %d of %d seed trajectories (duplicates, or buffer_capacity %d is "
                            "smaller than the seeds of one query)", added, len(records), self.buffer.capacity)
@@ -490,9 +490,6 @@ class GFlowNetTrainer(Trainer):
             if not 0 < record.length <= self.space.max_len:
                 raise ValueError(f"seed text {text!r} has {record.length} tokens; the policy writes 1 to {self.space.max_len}")
         return self.seed_buffer(records)
-
-    def _terminal(self, log_r: Tensor, traj: Trajectories) -> Tensor:
-        return log_r.gather(1, traj.lengths[:, None].to(log_r.device)).squeeze(1)
 
     def draw_micro_batch(self) -> MicroBatch:
         """Steps 1-3: compose one micro-batch from replay, base-model, tempered and on-policy sources."""
@@ -566,7 +563,7 @@ class GFlowNetTrainer(Trainer):
         index = torch.tensor([self.query_index[q.key] for q in traj.queries], device=self.device)
         if self.estimates_log_z:
             log_q = terminal_log_prob(log_pf.detach(), log_pterm.detach(), lengths)  # [B]
-            self.initialise_log_z(index, self._terminal(log_r, traj), log_q)
+            self.initialise_log_z(index, terminal_values(log_r, traj), log_q)
         log_z = self.log_z(index)  # [B]
         if self.config.loss == "subtb":
             return modified_subtb_loss(log_pf, log_pterm, log_r, lengths, self.config.subtb_lambda,
@@ -592,7 +589,7 @@ class GFlowNetTrainer(Trainer):
                 break
             (loss / c.grad_accum).backward()
             losses.append(loss.item())
-            log_r_end = self._terminal(batch.log_r, batch.traj)
+            log_r_end = terminal_values(batch.log_r, batch.traj)
             self.update_buffer(batch, log_r_end)
             terminal.append(log_r_end.cpu())
             lengths.append(batch.traj.lengths.float().cpu())

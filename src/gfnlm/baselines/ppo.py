@@ -18,7 +18,7 @@ from torch import Tensor
 
 from gfnlm.config import ConfigError, TrainConfig, setting
 from gfnlm.losses import state_mask
-from gfnlm.rewards import Reward, adapter_disabled, compute_log_rewards
+from gfnlm.rewards import Reward, adapter_disabled, compute_log_rewards, terminal_values
 from gfnlm.sampling import sample
 from gfnlm.scoring import action_log_probs, score_policy, state_hidden
 from gfnlm.trainer import Trainer
@@ -112,7 +112,7 @@ class PPOTrainer(Trainer):
         old_lp, values = self._policy(traj)
         with adapter_disabled(self.model):
             ref_lp = episode_log_probs(*score_policy(self.model, traj, self.space), lengths)
-        log_r = compute_log_rewards(self.reward, traj).gather(1, lengths[:, None]).squeeze(1)  # [B]
+        log_r = terminal_values(compute_log_rewards(self.reward, traj), traj)  # [B]
         terminal = log_r.exp() if self.ppo.ppo_reward == "exp" else log_r
         kl_per_step = torch.where(valid, old_lp - ref_lp, 0.0)
         rewards = -self.kl_coef * kl_per_step
