@@ -172,16 +172,19 @@ def _seed_counts(by_size: dict[int, list[float]], sizes: list[int]) -> str:
     return present.pop() if len(present) == 1 else " / ".join(counts)
 
 
-def subjectivity_score(run: Path, metric: str) -> float:
-    """A run's accuracy (eval.json), or the ROC AUC of its per-review log-odds (predictions.jsonl)."""
+def subjectivity_score(run: Path, result: dict, metric: str) -> float:
+    """A run's accuracy (its eval.json ``result``), or the ROC AUC of its per-review log-odds (predictions.jsonl)."""
     if metric == "accuracy":
-        return json.loads((run / "eval.json").read_text())["accuracy"]
-    return roc_auc(*_log_odds_by_label(run))
+        return result["accuracy"]
+    return roc_auc(*_log_odds_by_label(_predictions(run)))
 
 
-def _log_odds_by_label(run: Path) -> list[list[float]]:
+def _predictions(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
+
+
+def _log_odds_by_label(predictions: list[dict]) -> list[list[float]]:
     """Each review's mean log-odds log p(subjective) - log p(objective), for objective then subjective reviews."""
-    predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
     return [[statistics.mean(p["log_odds"]) for p in predictions if p["label"] == y] for y in (0, 1)]
 
 
@@ -195,7 +198,7 @@ def subjectivity_table(root: Path, metric: str = "accuracy") -> str:
         path = root / folder / "eval.json"
         if path.is_file():  # needs no training examples: the same figure in every column
             r = json.loads(path.read_text())
-            groups[name] = {n: [subjectivity_score(path.parent, metric)] for n in sizes}
+            groups[name] = {n: [subjectivity_score(path.parent, r, metric)] for n in sizes}
             reviews.add(r["n_reviews"])
     order: dict[str, tuple[int, float]] = {}
     for path in sorted(root.glob("n*/*-seed*/eval.json")):
@@ -206,7 +209,7 @@ def subjectivity_table(root: Path, metric: str = "accuracy") -> str:
         order[name] = key
         r = json.loads(path.read_text())
         groups.setdefault(name, {}).setdefault(int(path.parent.parent.name[1:]), []).append(
-            subjectivity_score(path.parent, metric))
+            subjectivity_score(path.parent, r, metric))
         reviews.add(r["n_reviews"])
         if "train_steps" in r:
             steps.setdefault(name, set()).add(r["train_steps"])
@@ -228,8 +231,8 @@ def subjectivity_log_odds_table(runs: list[Path]) -> str:
               "mean log-odds, subjective reviews", "ROC AUC"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for run in runs:
-        predictions = [json.loads(line) for line in (run / "predictions.jsonl").read_text().splitlines()]
-        by_label = _log_odds_by_label(run)
+        predictions = _predictions(run)
+        by_label = _log_odds_by_label(predictions)
         means = [f"{statistics.mean(v):.2f}" if v else "-" for v in by_label]
         auc = f"{roc_auc(*by_label):.2f}" if all(by_label) else "-"
         correct = sum(p["correct"] for p in predictions)
