@@ -61,17 +61,17 @@ def main() -> None:
     model, tokenizer = load_model_and_tokenizer(args.model, device="cpu")
     task = ArithmeticTask(ArithmeticOptions(), tokenizer)
     problems = task.worked[task.options.reward_shots:]  # the demonstrations would score themselves
-    rows = [(p, kind, z) for p in problems for kind, z in candidate_rationales(p).items()]
-    log_r, prior = terminal_scores(task, model, [p for p, _, _ in rows], [z for _, _, z in rows])
+    rows = [(i, kind, z) for i, p in enumerate(problems) for kind, z in candidate_rationales(p).items()]
+    log_r, prior = terminal_scores(task, model, [problems[i] for i, _, _ in rows], [z for _, _, z in rows])
     likelihood = log_r - prior  # log p(Y | X Z), the stop included
     weighted = prior + args.likelihood_weight * likelihood
-    scores = {(id(p), kind): (r, lik, w) for (p, kind, _), r, lik, w in
+    scores = {(i, kind): (r, lik, w) for (i, kind, _), r, lik, w in
               zip(rows, log_r.tolist(), likelihood.tolist(), weighted.tolist(), strict=True)}
     print(f"{args.model}: {len(problems)} worked questions; in how many a wrong kind scores above the right chain")
     print(f"{'wrong kind':<12} {'questions':>9} {'R':>5} {'p(Y|XZ)':>8} {f'R, v={args.likelihood_weight:g}':>9}"
           f"   mean log R, right / wrong")
     for kind in WRONG_KINDS:
-        pairs = [(scores[id(p), "right"], scores[id(p), kind]) for p in problems if (id(p), kind) in scores]
+        pairs = [(scores[i, "right"], scores[i, kind]) for i in range(len(problems)) if (i, kind) in scores]
         wins = [sum(wrong[i] > right[i] for right, wrong in pairs) for i in range(3)]
         right_mean = sum(right[0] for right, _ in pairs) / len(pairs)
         wrong_mean = sum(wrong[0] for _, wrong in pairs) / len(pairs)
