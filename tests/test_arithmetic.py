@@ -41,6 +41,15 @@ def files(tmp_path):
 
 
 @pytest.fixture
+def model_dir(tmp_path):
+    """A tiny model and the task's tokenizer saved to disk, for the command line."""
+    folder, tokenizer = tmp_path / "tiny", _tokenizer()
+    make_tiny_lm(vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture
 def task(files):
     worked, plain = files
     options = ArithmeticOptions(train_file=str(plain), worked_file=str(worked), reward_shots=2, seed_rationales=2,
@@ -204,13 +213,9 @@ def test_cli_data_command_writes_disjoint_questions(tmp_path, files, capsys):
     assert "wrote 50 questions" in capsys.readouterr().out
 
 
-def test_cli_eval_reports_a_bad_test_file(tmp_path, files, capsys):
+def test_cli_eval_reports_a_bad_test_file(tmp_path, files, model_dir, capsys):
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"str_query": "Question: 1 + 1 = ? Answer:", "num_sol": "x"}]))
-    model_dir = tmp_path / "tiny"
-    tokenizer = _tokenizer()
-    make_tiny_lm(vocab_size=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
     worked, plain = files
     code = main(["eval", "--task", "arithmetic", "--model", str(model_dir), "--test-file", str(bad),
                  "--worked-file", str(worked), "--train-file", str(plain), "--seed-rationales", "2", "--output-dir", str(tmp_path / "ev")])
@@ -236,12 +241,8 @@ def test_reward_and_policy_scores_agree_across_devices(task):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["gfn", "sft"])
-def test_cli_trains_then_evaluates_on_the_test_file(tmp_path, files, method, device):
+def test_cli_trains_then_evaluates_on_the_test_file(tmp_path, files, model_dir, method, device):
     """Training with the calculator in the sampling loop, then the vote over rationales, on each device."""
-    model_dir = tmp_path / "tiny"
-    tokenizer = _tokenizer()
-    make_tiny_lm(vocab_size=len(tokenizer)).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
     worked, plain = files
     run = tmp_path / "run"
     assert main(["train", "--task", "arithmetic", "--method", method, "--model", str(model_dir), "--output-dir", str(run),
