@@ -1,35 +1,51 @@
 #!/usr/bin/env bash
-# The arithmetic table (paper Table 4) and the Table E.3 ablation at one seed, on one GPU, in
-# about 8 minutes: scripts/arithmetic_runs.py launched as nine processes side by side (three
-# GFlowNet seeds, three seed-rationale counts, SFT, PPO and prompting), each under a wall-clock
-# limit. The model (135M parameters) leaves a big GPU mostly idle, so the processes share it.
-#   bash scripts/arithmetic_gpu.sh runs/arith-gpu
+# Arithmetic runs on one GPU: scripts/arithmetic_runs.py launched as processes side by side, each
+# under a wall-clock limit. The model (135M parameters) leaves a big GPU mostly idle, so the
+# processes share it. Two job sets:
+#   bash scripts/arithmetic_gpu.sh runs/arith-gpu [table]   the table (paper Table 4) and Table E.3 at
+#       one seed, in about 8 minutes: nine processes (three GFlowNet seeds, three seed-rationale
+#       counts, SFT, PPO and prompting)
+#   bash scripts/arithmetic_gpu.sh runs/arith-gpu-lik likelihood   the GFlowNet alone with a longer
+#       budget: six processes, reward_likelihood_weight 1 and 3 at three seeds each (set MINUTES and
+#       LIMIT_S to the budget, e.g. MINUTES='{"gfn": 5.5}' LIMIT_S=450)
 # then the tables:
 #   python3 scripts/results_table.py --arithmetic runs/arith-gpu --readme README.md --section arithmetic-gpu
 # Environment: MINUTES (training time per method, JSON), LIMIT_S (wall-clock limit per process),
 # NTEST (questions per test set), DEVICE. 20-shot prompting is left out: with 100 questions x 10
 # rationales per batch, its prompts took 64 GB of GPU memory in one process and it ran out.
 set -euo pipefail
-out=${1:?usage: arithmetic_gpu.sh OUT}
+out=${1:?usage: arithmetic_gpu.sh OUT [table|likelihood]}
+jobs=${2:-table}
 minutes=${MINUTES:-'{"gfn": 3.5, "sft": 0.5, "ppo": 0.5}'}
 limit=${LIMIT_S:-320}
 runs="python3 scripts/arithmetic_runs.py $out --n-test ${NTEST:-100} --eval-batch-questions 100 --device ${DEVICE:-cuda}"
-variant=(--gfn-name gfn-worked-reward-logz --gfn-settings train_file=../shared/data/arithmetic/1digit_34_op+-_train_50.json
-         p_replay=0.5 p_tempered=0.25 buffer_sampling=reward)
+settings=(--gfn-settings train_file=../shared/data/arithmetic/1digit_34_op+-_train_50.json
+          p_replay=0.5 p_tempered=0.25 buffer_sampling=reward)
+variant=(--gfn-name gfn-worked-reward-logz "${settings[@]}")
 mkdir -p "$out"
 $runs --methods --shots  # the test sets, before the processes that share them start
-export OMP_NUM_THREADS=1  # the GPU does the work; nine processes must not fight over CPU threads
+export OMP_NUM_THREADS=1  # the GPU does the work; the processes must not fight over CPU threads
 pids=()
 launch() {  # log name, then arithmetic_runs.py arguments
     local name=$1; shift
     timeout "$limit" $runs --minutes "$minutes" "$@" > "$out/log-$name.txt" 2>&1 &
     pids+=($!)
 }
-for seed in 0 1 2; do launch "gfn-$seed" --methods gfn --seeds "$seed" --shots "${variant[@]}"; done
-for count in 0 10 25; do launch "ablation-$count" --methods --seeds 0 --shots --ablation "$count" "${variant[@]}"; done
-launch sft --methods sft --seeds 0 1 2 --shots
-launch ppo --methods ppo --seeds 0 1 2 --shots
-launch prompting --methods --seeds 0 --shots 0 3
+case $jobs in
+table)
+    for seed in 0 1 2; do launch "gfn-$seed" --methods gfn --seeds "$seed" --shots "${variant[@]}"; done
+    for count in 0 10 25; do launch "ablation-$count" --methods --seeds 0 --shots --ablation "$count" "${variant[@]}"; done
+    launch sft --methods sft --seeds 0 1 2 --shots
+    launch ppo --methods ppo --seeds 0 1 2 --shots
+    launch prompting --methods --seeds 0 --shots 0 3 ;;
+likelihood)
+    for seed in 0 1 2; do
+        launch "gfn-$seed" --methods gfn --seeds "$seed" --shots "${variant[@]}"
+        launch "gfn-lik3-$seed" --methods gfn --seeds "$seed" --shots --gfn-name gfn-lik3 "${settings[@]}" \
+            reward_likelihood_weight=3
+    done ;;
+*) echo "unknown job set: $jobs (table or likelihood)" >&2; exit 2 ;;
+esac
 failed=0
 for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
 echo "$failed of ${#pids[@]} processes failed or hit the limit; logs: $out/log-*.txt"
