@@ -8,6 +8,7 @@ import string
 
 import pytest
 import torch
+from peft import LoraConfig, get_peft_model
 
 from conftest import DEVICES, make_char_tokenizer, make_tiny_lm, needs_cuda
 from gfnlm.cli import main
@@ -184,10 +185,50 @@ def test_answer_completion_parses_the_first_integer(task, monkeypatch):
     assert len(answers) == 2 and answers[0] == answers[1]  # greedy: the same prompt gets the same answer
 
 
-def test_prompting_puts_shuffled_examples_in_the_policy_prompt(task):
+def test_prompting_puts_shuffled_examples_in_a_shared_context(task):
+    model = make_tiny_lm(seed=4, vocab_size=len(task.tokenizer))
     task.options.shots, task.options.cue = 2, "Think."
-    prompt = task.policy_prompt(task.worked[0])
-    assert prompt.count("The answer is") == 2 and prompt.endswith(task.worked[0].question + " Think.")
+    assert task.policy_prompt(task.worked[0]) == task.worked[0].question + " Think."
+    context = task.shots_context(model)
+    assert context.text.count("The answer is") == 2
+    task.options.shot_seed = 1
+    assert {task.shots_context(model).text for task.options.shot_seed in range(5)} != {context.text}  # shuffled per seed
+    with pytest.raises(ValueError, match="base model"):
+        task.shots_context(get_peft_model(model, LoraConfig(r=2, target_modules="all-linear")))
+
+
+def test_evaluation_batches_shrink_to_the_token_budget(task):
+    """Long k-shot contexts make each row's KV cache long: a batch takes fewer questions, never none."""
+    model = make_tiny_lm(seed=4, vocab_size=len(task.tokenizer))
+    task.options.shots, task.options.eval_samples, task.options.eval_batch_questions = 3, 2, 16
+    problems = task.worked
+    context = task.shots_context(model)
+    prompt = max(len(task.tokenizer(task.policy_prompt(p))["input_ids"]) for p in problems)
+    task.options.eval_batch_tokens = 2 * 2 * (len(context) + prompt + task.options.eval_max_len)  # room for 2 questions
+    assert task.questions_per_batch(problems, context) == 2
+    budget = task.options.eval_batch_tokens  # without the shots' context more fit
+    assert task.questions_per_batch(problems, None) == min(16, budget // (2 * (prompt + task.options.eval_max_len))) > 2
+    task.options.eval_batch_tokens = 1
+    assert task.questions_per_batch(problems, context) == 1
+
+
+def test_k_shot_evaluation_samples_after_the_shots_within_the_budget(task, tmp_path, monkeypatch):
+    import gfnlm.tasks.arithmetic as arithmetic
+
+    calls = []
+
+    def spy(model, tokenizer, queries, space, temperature=1.0, generator=None, tool=None, context=None):
+        calls.append((len(queries), context.text if context is not None else None, tool is not None))
+        return sample(model, tokenizer, queries, space, temperature, generator, tool, context)
+
+    sample = arithmetic.sample
+    monkeypatch.setattr(arithmetic, "sample", spy)
+    model = make_tiny_lm(seed=3, vocab_size=len(task.tokenizer))
+    task.options.shots, task.options.eval_batch_tokens = 2, 1
+    result = task.evaluate(model, tmp_path, "2-shot")
+    rationale_calls = [c for c in calls if c[2]]  # the answer completions run without the calculator
+    assert result["n_questions"] == 2 and len(rationale_calls) == 2  # one question per batch: the budget binds
+    assert all(rows == task.options.eval_samples and text.count("The answer is") == 2 for rows, text, _ in rationale_calls)
 
 
 def test_gfn_runs_get_table_e2_reward_tempering_unless_overridden():

@@ -46,3 +46,14 @@ class SharedContext:
         """``attention_mask`` [B, L] with the context's columns (all real) in front: [B, C + L]."""
         ones = attention_mask.new_ones((attention_mask.shape[0], len(self)))
         return torch.cat([ones, attention_mask], dim=1)
+
+
+def prompting_context(model, tokenizer, demonstrations: str) -> SharedContext:
+    """k-shot demonstrations before every prompt of a model being *prompted* (an evaluation baseline).
+
+    The cache holds the base model's keys and values, so the prompted model must be the base model:
+    with an adapter on, its later layers would attend to keys it never computed.
+    """
+    if hasattr(model, "peft_config"):
+        raise ValueError("k-shot prompting evaluates the base model; it cannot be combined with an adapter")
+    return SharedContext(model, tokenizer, demonstrations)

@@ -11,6 +11,8 @@ Evaluation, for every method alike: draw ``eval_samples`` rationales per test qu
 ``eval_temperature`` with the calculator on; the base LM then completes the answer greedily
 after "X Z." with the reward's demonstrations in context (p_LM(Y | X Z), as in the paper); the
 first integer of each completion is that sample's answer and the majority vote is the prediction.
+k-shot prompting puts ``shots`` shuffled worked examples in a cached context before each question
+(like the reward's demonstrations; a tokenizer that adds a BOS token puts one before each).
 
 Data files are JSON lists (or JSON lines) in the paper's release format: ``str_query``,
 ``num_sol`` (an integer) and optionally ``str_sol`` and ``str_rationale``.
@@ -30,7 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from gfnlm.config import setting
-from gfnlm.context import SharedContext
+from gfnlm.context import SharedContext, prompting_context
 from gfnlm.data import read_rows, row_name
 from gfnlm.exact import token_strings
 from gfnlm.models import stop_token_ids
@@ -143,6 +145,9 @@ class ArithmeticOptions(TaskOptions):
     eval_temperature: float = setting(0.1, "Sampling temperature of the rationales in evaluation.")
     eval_max_len: int = setting(40, "Most rationale tokens in evaluation (5-operand chains need more than 24).")
     eval_batch_questions: int = setting(16, "Questions per evaluation batch.")
+    eval_batch_tokens: int = setting(
+        2**17, "Most tokens in one evaluation batch's KV cache (rows x (shots + prompt + rationale)): with long "
+        "k-shot contexts a batch takes fewer questions (20 shots: ~9000 tokens per question of 10 rationales).")
     answer_max_tokens: int = setting(8, "Tokens the base LM may write when completing the answer Y.")
     shots: int = setting(0, "k-shot prompting: worked examples in the policy's own prompt (evaluation baseline).")
     shot_seed: int = setting(0, "Seed of the shuffle that picks the k-shot examples.")
@@ -161,6 +166,8 @@ class ArithmeticTask(Task):
         o = options
         if o.reward_shots < 0 or o.shots < 0 or o.seed_rationales < 0:
             raise ValueError("reward_shots, shots and seed_rationales must be non-negative")
+        if o.eval_samples < 1 or o.eval_batch_questions < 1 or o.eval_batch_tokens < 1:
+            raise ValueError("eval_samples, eval_batch_questions and eval_batch_tokens must be positive")
         self.worked = load_problems(o.worked_file)
         if any(p.rationale is None for p in self.worked):
             raise ValueError(f"{o.worked_file}: every worked example needs str_rationale")
@@ -247,14 +254,27 @@ class ArithmeticTask(Task):
 
     # ----------------------------------------------------------------- evaluation
     def policy_prompt(self, problem: Problem) -> str:
-        """The policy's prompt: k shuffled worked examples (k-shot prompting), the question, the cue."""
+        """The policy's prompt: the question and the cue (k-shot examples go in ``shots_context``)."""
+        return problem.question + (f" {self.options.cue}" if self.options.cue else "")
+
+    def shots_context(self, model) -> SharedContext | None:
+        """k shuffled worked examples before every prompt (k-shot prompting), run through the model once."""
+        if not self.options.shots:
+            return None
+        pool = list(self.worked)
+        random.Random(self.options.shot_seed).shuffle(pool)
+        return prompting_context(model, self.tokenizer, "".join(p.demonstration() for p in pool[: self.options.shots]))
+
+    def questions_per_batch(self, problems: list[Problem], context: SharedContext | None) -> int:
+        """``eval_batch_questions``, or fewer where the batch's KV cache would pass ``eval_batch_tokens``.
+
+        Every row (one rationale) keeps its own copy of the context's keys and values once it grows, so
+        memory scales with rows x (context + prompt + rationale): 20-shot prompting of 100 questions x 10
+        rationales took 64 GB of GPU memory before this bound."""
         o = self.options
-        shots = ""
-        if o.shots:
-            pool = list(self.worked)
-            random.Random(o.shot_seed).shuffle(pool)
-            shots = "".join(p.demonstration() for p in pool[: o.shots])
-        return shots + problem.question + (f" {o.cue}" if o.cue else "")
+        prompt = max(len(self.tokenizer(self.policy_prompt(p))["input_ids"]) for p in problems)
+        row_tokens = (len(context) if context is not None else 0) + prompt + o.eval_max_len
+        return max(1, min(o.eval_batch_questions, o.eval_batch_tokens // (o.eval_samples * row_tokens)))
 
     def test_problems(self) -> tuple[str, list[Problem]]:
         """Where the evaluation questions come from, and the first ``eval_questions`` of them."""
@@ -288,11 +308,12 @@ class ArithmeticTask(Task):
         space, tool = self.action_space(o.eval_max_len), self.tool()
         generator = torch.Generator().manual_seed(o.eval_seed)
         predictions = []
-        step = o.eval_batch_questions
+        context = self.shots_context(model)
+        step = self.questions_per_batch(problems, context) if problems else 1
         for start in tqdm(range(0, len(problems), step), desc=f"evaluating {label}", unit="batch", leave=False):
             chunk = problems[start : start + step]
             queries = [Query(self.policy_prompt(p)) for p in chunk for _ in range(o.eval_samples)]
-            traj = sample(model, self.tokenizer, queries, space, o.eval_temperature, generator, tool)
+            traj = sample(model, self.tokenizer, queries, space, o.eval_temperature, generator, tool, context)
             rationales = traj.generated_texts(self.tokenizer)
             answer_prompts = [f"{chunk[i // o.eval_samples].question}{z}." for i, z in enumerate(rationales)]
             answers = self.complete_answers(model, answer_prompts)

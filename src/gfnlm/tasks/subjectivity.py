@@ -46,7 +46,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from gfnlm.config import setting
-from gfnlm.context import SharedContext
+from gfnlm.context import SharedContext, prompting_context
 from gfnlm.data import read_rows, row_name
 from gfnlm.exact import token_strings
 from gfnlm.rewards import (
@@ -309,11 +309,9 @@ class SubjectivityTask(Task):
         """``shots`` shuffled training examples before every prompt (few-shot prompting), cached once."""
         if not self.options.shots:
             return None
-        if hasattr(model, "peft_config"):
-            raise ValueError("few-shot prompting evaluates the base model; it cannot be combined with an adapter")
         pool = list(self.train)
         random.Random(self.options.shot_seed).shuffle(pool)
-        return SharedContext(model, self.tokenizer, "".join(r.demonstration() for r in pool[: self.options.shots]))
+        return prompting_context(model, self.tokenizer, "".join(r.demonstration() for r in pool[: self.options.shots]))
 
     @contextlib.contextmanager
     def answering_model(self, model) -> Iterator[None]:
