@@ -1,18 +1,19 @@
 #!/usr/bin/env bash
 # Arithmetic runs on one GPU: scripts/arithmetic_runs.py launched as processes side by side, each
 # under a wall-clock limit. The model (135M parameters) leaves a big GPU mostly idle, so the
-# processes share it. Two job sets:
+# processes share it. Three job sets:
 #   bash scripts/arithmetic_gpu.sh runs/arith-gpu [table]   the table (paper Table 4) and Table E.3 at
 #       one seed, in about 8 minutes: nine processes (three GFlowNet seeds, three seed-rationale
 #       counts, SFT, PPO and prompting)
 #   bash scripts/arithmetic_gpu.sh runs/arith-gpu-lik likelihood   the GFlowNet alone with a longer
 #       budget: six processes, reward_likelihood_weight 1 and 3 at three seeds each (set MINUTES and
 #       LIMIT_S to the budget, e.g. MINUTES='{"gfn": 5.5}' LIMIT_S=450)
+#   bash scripts/arithmetic_gpu.sh runs/arith-gpu prompting   k-shot prompting with 3, 5, 10 and 20
+#       examples at three shuffle seeds: four processes, no training (LIMIT_S=200 is enough)
 # then the tables:
 #   python3 scripts/results_table.py --arithmetic runs/arith-gpu --readme README.md --section arithmetic-gpu
 # Environment: MINUTES (training time per method, JSON), LIMIT_S (wall-clock limit per process),
-# NTEST (questions per test set), DEVICE. 20-shot prompting is left out: with 100 questions x 10
-# rationales per batch, its prompts took 64 GB of GPU memory in one process and it ran out.
+# NTEST (questions per test set), DEVICE.
 set -euo pipefail
 out=${1:?usage: arithmetic_gpu.sh OUT [table|likelihood]}
 jobs=${2:-table}
@@ -44,7 +45,9 @@ likelihood)
         launch "gfn-lik3-$seed" --methods gfn --seeds "$seed" --shots --gfn-name gfn-lik3 "${settings[@]}" \
             reward_likelihood_weight=3
     done ;;
-*) echo "unknown job set: $jobs (table or likelihood)" >&2; exit 2 ;;
+prompting)
+    for shots in 3 5 10 20; do launch "prompting-$shots" --methods --seeds 0 1 2 --shots "$shots"; done ;;
+*) echo "unknown job set: $jobs (table, likelihood or prompting)" >&2; exit 2 ;;
 esac
 failed=0
 for pid in "${pids[@]}"; do wait "$pid" || failed=$((failed + 1)); done
