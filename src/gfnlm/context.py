@@ -9,6 +9,9 @@ the policy's LoRA weights train; use it only where the base model runs.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 from transformers import DynamicCache
@@ -48,12 +51,18 @@ class SharedContext:
         return torch.cat([ones, attention_mask], dim=1)
 
 
-def prompting_context(model, tokenizer, demonstrations: str) -> SharedContext:
-    """k-shot demonstrations before every prompt of a model being *prompted* (an evaluation baseline).
+
+def prompting_context(model, tokenizer, examples: Sequence, shots: int, shuffle_seed: int) -> SharedContext | None:
+    """k-shot prompting (an evaluation baseline): ``shots`` of ``examples``, shuffled by ``shuffle_seed``,
+    as the text before every prompt (each example's ``demonstration()``); None for zero shots.
 
     The cache holds the base model's keys and values, so the prompted model must be the base model:
     with an adapter on, its later layers would attend to keys it never computed.
     """
+    if not shots:
+        return None
     if hasattr(model, "peft_config"):
         raise ValueError("k-shot prompting evaluates the base model; it cannot be combined with an adapter")
-    return SharedContext(model, tokenizer, demonstrations)
+    pool = list(examples)
+    random.Random(shuffle_seed).shuffle(pool)
+    return SharedContext(model, tokenizer, "".join(example.demonstration() for example in pool[:shots]))

@@ -259,11 +259,7 @@ class ArithmeticTask(Task):
 
     def shots_context(self, model) -> SharedContext | None:
         """k shuffled worked examples before every prompt (k-shot prompting), run through the model once."""
-        if not self.options.shots:
-            return None
-        pool = list(self.worked)
-        random.Random(self.options.shot_seed).shuffle(pool)
-        return prompting_context(model, self.tokenizer, "".join(p.demonstration() for p in pool[: self.options.shots]))
+        return prompting_context(model, self.tokenizer, self.worked, self.options.shots, self.options.shot_seed)
 
     def questions_per_batch(self, problems: list[Problem], context: SharedContext | None) -> int:
         """``eval_batch_questions``, or fewer where the batch's KV cache would pass ``eval_batch_tokens``.

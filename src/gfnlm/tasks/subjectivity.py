@@ -307,11 +307,7 @@ class SubjectivityTask(Task):
 
     def few_shot_context(self, model) -> SharedContext | None:
         """``shots`` shuffled training examples before every prompt (few-shot prompting), cached once."""
-        if not self.options.shots:
-            return None
-        pool = list(self.train)
-        random.Random(self.options.shot_seed).shuffle(pool)
-        return prompting_context(model, self.tokenizer, "".join(r.demonstration() for r in pool[: self.options.shots]))
+        return prompting_context(model, self.tokenizer, self.train, self.options.shots, self.options.shot_seed)
 
     @contextlib.contextmanager
     def answering_model(self, model) -> Iterator[None]:
