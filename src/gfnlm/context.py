@@ -51,7 +51,6 @@ class SharedContext:
         return torch.cat([ones, attention_mask], dim=1)
 
 
-
 def prompting_context(model, tokenizer, examples: Sequence, shots: int, shuffle_seed: int) -> SharedContext | None:
     """k-shot prompting (an evaluation baseline): ``shots`` of ``examples``, shuffled by ``shuffle_seed``,
     as the text before every prompt (each example's ``demonstration()``); None for zero shots.

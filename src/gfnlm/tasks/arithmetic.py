@@ -149,7 +149,7 @@ class ArithmeticOptions(TaskOptions):
         2**17, "Most tokens in one evaluation batch's KV cache (rows x (shots + prompt + rationale)): with long "
         "k-shot contexts a batch takes fewer questions (20 shots: ~9000 tokens per question of 10 rationales).")
     answer_max_tokens: int = setting(8, "Tokens the base LM may write when completing the answer Y.")
-    shots: int = setting(0, "k-shot prompting: worked examples in the policy's own prompt (evaluation baseline).")
+    shots: int = setting(0, "k-shot prompting: worked examples in context before each question (evaluation baseline).")
     shot_seed: int = setting(0, "Seed of the shuffle that picks the k-shot examples.")
     cue: str = setting("", "Text appended to the question in the policy's prompt, e.g. 'Let us think step by step.'")
     eval_seed: int = setting(0, "Seed of the evaluation samples (training uses `seed`).")
@@ -265,8 +265,8 @@ class ArithmeticTask(Task):
         """``eval_batch_questions``, or fewer where the batch's KV cache would pass ``eval_batch_tokens``.
 
         Every row (one rationale) keeps its own copy of the context's keys and values once it grows, so
-        memory scales with rows x (context + prompt + rationale): 20-shot prompting of 100 questions x 10
-        rationales took 64 GB of GPU memory before this bound."""
+        memory scales with rows x (context + prompt + rationale). Unbounded, 20-shot prompting of 100
+        questions x 10 rationales held 64 GB of GPU memory for SmolLM2-135M."""
         o = self.options
         prompt = max(len(self.tokenizer(self.policy_prompt(p))["input_ids"]) for p in problems)
         row_tokens = (len(context) if context is not None else 0) + prompt + o.eval_max_len
