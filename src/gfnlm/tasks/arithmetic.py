@@ -268,7 +268,7 @@ class ArithmeticTask(Task):
         memory scales with rows x (context + prompt + rationale). Unbounded, 20-shot prompting of 100
         questions x 10 rationales held 64 GB of GPU memory for SmolLM2-135M."""
         o = self.options
-        prompt = max(len(self.tokenizer(self.policy_prompt(p))["input_ids"]) for p in problems)
+        prompt = max((len(self.tokenizer(self.policy_prompt(p))["input_ids"]) for p in problems), default=0)
         row_tokens = (len(context) if context is not None else 0) + prompt + o.eval_max_len
         return max(1, min(o.eval_batch_questions, o.eval_batch_tokens // (o.eval_samples * row_tokens)))
 
@@ -305,7 +305,7 @@ class ArithmeticTask(Task):
         generator = torch.Generator().manual_seed(o.eval_seed)
         predictions = []
         context = self.shots_context(model)
-        step = self.questions_per_batch(problems, context) if problems else 1
+        step = self.questions_per_batch(problems, context)
         for start in tqdm(range(0, len(problems), step), desc=f"evaluating {label}", unit="batch", leave=False):
             chunk = problems[start : start + step]
             queries = [Query(self.policy_prompt(p)) for p in chunk for _ in range(o.eval_samples)]
