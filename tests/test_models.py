@@ -1,4 +1,4 @@
-"""Tests of gfnlm.models: embedded GGUF models, the conversion cache, local folders, errors.
+"""Tests of gfnlm.models and gfnlm.embedded: embedded GGUF models, the conversion cache, local folders, errors.
 
 The real SmolLM2 conversion runs once per session into a throw-away cache (~12 s on 2 cores);
 the cache-mechanics tests (corruption, races, failures) replace the GGUF reading with a tiny
@@ -25,11 +25,11 @@ import torch
 
 from conftest import make_tiny_lm
 
-from gfnlm import models
+from gfnlm import embedded, models
+from gfnlm.embedded import MARKER_FILE
 from gfnlm.models import (
     DEFAULT_MODEL,
     EMBEDDED_MODELS,
-    MARKER_FILE,
     ModelLoadError,
     cache_dir,
     load_model_and_tokenizer,
@@ -117,7 +117,7 @@ def fake_gguf(tiny: SimpleNamespace, monkeypatch: pytest.MonkeyPatch, tmp_path: 
         time.sleep(0.2)  # widen the window in which racing conversions would overlap
         return copy.deepcopy(tiny.model), copy.deepcopy(tiny.tokenizer)  # conversion mutates them
 
-    monkeypatch.setattr(models, "_load_from_gguf", read)
+    monkeypatch.setattr(embedded, "read_gguf_model", read)
     return SimpleNamespace(calls=calls, root=tmp_path / "cache", folder=tmp_path / "cache" / "models" / SMOL)
 
 
@@ -177,11 +177,11 @@ def test_conversion_writes_a_complete_float32_cache_and_logs_it(smol: SimpleName
         (header_len,) = struct.unpack("<Q", handle.read(8))
         header = json.loads(handle.read(header_len))
     assert {info["dtype"] for key, info in header.items() if key != "__metadata__"} == {"F32"}
-    assert models._cache_problem(folder, EMBEDDED_MODELS[SMOL]) is None
+    assert embedded._cache_problem(folder, EMBEDDED_MODELS[SMOL]) is None
     assert _leftovers(folder.parent) == []
     messages = [r.getMessage() for r in smol.records if r.name == "gfnlm"]
-    assert any(m.startswith("Converting embedded model 'smollm2-135m'") for m in messages), messages
-    assert any(m.startswith("Converted embedded model 'smollm2-135m' in ") and " s " in m for m in messages)
+    assert any(m.startswith("Building embedded model 'smollm2-135m'") for m in messages), messages
+    assert any(m.startswith("Built embedded model 'smollm2-135m' in ") and " s " in m for m in messages)
 
 
 @pytest.mark.integration
@@ -193,7 +193,7 @@ def test_second_load_reuses_the_cache(smol_env: SimpleNamespace, monkeypatch: py
     def no_conversion(*args, **kwargs):
         raise AssertionError("the cached folder should have been reused")
 
-    monkeypatch.setattr(models, "_convert_embedded", no_conversion)
+    monkeypatch.setattr(embedded, "_convert_embedded", no_conversion)
     assert resolve_model(SMOL) == folder
     model, tokenizer = load_model_and_tokenizer(SMOL, dtype=torch.bfloat16)
     assert model.dtype == torch.bfloat16
@@ -276,12 +276,12 @@ def test_corrupt_cache_is_moved_aside_and_converted_again(
     assert len(fake_gguf.calls) == 2
     assert model.config.num_hidden_layers == 2  # the tiny model, freshly converted
     assert json.loads((folder / MARKER_FILE).read_text())["conversion_id"] != first_id
-    assert models._cache_problem(folder, EMBEDDED_MODELS[SMOL]) is None
+    assert embedded._cache_problem(folder, EMBEDDED_MODELS[SMOL]) is None
     assert _leftovers(folder.parent) == []
     warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any(str(folder) in m and "corrupt" in m for m in warnings), warnings
     infos = [r.getMessage() for r in caplog.records if r.levelno == logging.INFO]
-    assert any(m.startswith("Converted embedded model 'smollm2-135m' in ") for m in infos), infos
+    assert any(m.startswith("Built embedded model 'smollm2-135m' in ") for m in infos), infos
 
 
 def test_cache_works_without_the_weights_package(
@@ -313,14 +313,14 @@ def test_racing_conversions_convert_once(fake_gguf: SimpleNamespace) -> None:
         thread.join(timeout=60)
     assert results == [fake_gguf.folder] * 3
     assert len(fake_gguf.calls) == 1
-    assert models._cache_problem(fake_gguf.folder, EMBEDDED_MODELS[SMOL]) is None
+    assert embedded._cache_problem(fake_gguf.folder, EMBEDDED_MODELS[SMOL]) is None
 
 
 def test_failed_conversion_leaves_no_folder(fake_gguf: SimpleNamespace, monkeypatch: pytest.MonkeyPatch) -> None:
     def disk_full(*args, **kwargs):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(models, "_write_marker", disk_full)
+    monkeypatch.setattr(embedded, "_write_marker", disk_full)
     with pytest.raises(ModelLoadError, match="No space left on device"):
         load_model_and_tokenizer(SMOL)
     assert not fake_gguf.folder.exists()
