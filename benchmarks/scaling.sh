@@ -7,7 +7,7 @@
 # (and with the samples): at T = 40 x 8 samples and T = 20 x 16 samples the process outgrew the
 # 23 GB of our CPU machine and was killed, so those two points time our step only.
 # About 40 minutes on 2 CPU cores; rerunning skips the finished points; a point that fails (e.g.
-# killed for memory) is reported and the sweep goes on. Ends by writing the README table:
+# killed for memory) is reported and the sweep goes on. Ends by writing the table in docs/benchmarks.md:
 #   bash benchmarks/scaling.sh runs/bench-scaling
 set -euo pipefail
 out=${1:-runs/bench-scaling}
@@ -32,4 +32,4 @@ point T20-s2 --max_len 20 --samples 2
 point T40-s2 --max_len 40 --samples 2
 point T20-s4 --max_len 20 --samples 4
 point T20-s16 --max_len 20 --samples 16 --reference_repeats 0
-python3 "$(dirname "$0")/../scripts/results_table.py" --bench "${files[@]}" --readme README.md --section bench-scaling
+python3 "$(dirname "$0")/../scripts/results_table.py" bench "${files[@]}" --doc docs/benchmarks.md --section bench-scaling

@@ -11,7 +11,7 @@
 #   bash scripts/arithmetic_gpu.sh runs/arith-gpu prompting   k-shot prompting with 3, 5, 10 and 20
 #       examples at three shuffle seeds: four processes, no training (LIMIT_S=200 is enough)
 # then the tables:
-#   python3 scripts/results_table.py --arithmetic runs/arith-gpu --readme README.md --section arithmetic-gpu
+#   python3 scripts/results_table.py arithmetic runs/arith-gpu --doc docs/experiments/arithmetic.md --section arithmetic-gpu
 # Environment: MINUTES (training time per method, JSON), LIMIT_S (wall-clock limit per process),
 # NTEST (questions per test set), DEVICE.
 set -euo pipefail

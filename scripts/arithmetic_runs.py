@@ -12,10 +12,10 @@ of the base model on every test set, and writes one eval.json per (run, test set
     OUT/{GFN_NAME}-seed{S}/curve/step-{N}/eval-{K}ops/eval.json
                                           --curve: every saved checkpoint of the GFlowNet runs
 Everything runs in one process (the model loads once per run). Rerunning skips finished
-evaluations and resumes unfinished training. The README table comes from
-    python3 scripts/results_table.py --arithmetic OUT --readme README.md --section arithmetic
+evaluations and resumes unfinished training. The docs table comes from
+    python3 scripts/results_table.py arithmetic OUT --doc docs/experiments/arithmetic.md --section arithmetic
 and the learning curve (a table, and a figure with --figure) from
-    python3 scripts/results_table.py --arithmetic-curve OUT/{GFN_NAME}-seed0 --figure OUT/curve.png
+    python3 scripts/results_table.py arithmetic:curve OUT/{GFN_NAME}-seed0 --figure OUT/curve.png
 """
 
 from __future__ import annotations

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The random-number comparison of the README on the embedded SmolLM2-135M: `gfnlm demo` (base
+# The random-number comparison (docs/experiments/random-number.md) on the embedded SmolLM2-135M: `gfnlm demo` (base
 # model and GFlowNet fine-tuning), the same with twice the steps (in OUT/long), then SFT and PPO
 # with the demo's budget (200 optimizer steps of 32 samples each, LoRA; PPO with one epoch per
-# batch so that it also takes 200 steps), then the README tables from the runs' eval.json. Long
+# batch so that it also takes 200 steps), then the docs tables from the runs' eval.json. Long
 # (about 50 minutes on 2 CPU cores): run it in the background; rerunning resumes or reuses
 # finished runs.
 #   bash scripts/random_number_runs.sh runs/random-number
@@ -17,5 +17,5 @@ mkdir -p "$out/long/base" && cp -n "$out/base/eval.json" "$out/long/base/"  # th
 "$bin" demo --output-dir "$out/long" --steps 400
 "$bin" train --method sft --output-dir "$out/sft" "${common[@]}" --lr 2e-3 $(resume "$out/sft")
 "$bin" train --method ppo --output-dir "$out/ppo" "${common[@]}" --lr 1e-3 --ppo_epochs 1 $(resume "$out/ppo")
-python3 scripts/results_table.py "$out/base" "$out/gfn" --readme README.md --section demo
-python3 scripts/results_table.py "$out/base" "$out/gfn" "$out/long/gfn" "$out/ppo" "$out/sft" --readme README.md --section random-number
+python3 scripts/results_table.py random-number "$out/base" "$out/gfn" --doc docs/experiments/random-number.md --section demo
+python3 scripts/results_table.py random-number "$out/base" "$out/gfn" "$out/long/gfn" "$out/ppo" "$out/sft" --doc docs/experiments/random-number.md --section random-number

@@ -9,8 +9,8 @@ validation split of ../shared/data/subj/train.jsonl (or --test-file). It writes
     OUT/n{size}/prompting-seed{S}/eval.json, OUT/zero-shot/eval.json, OUT/base-rationales/eval.json
     OUT/n{size}/gfn-noseed-seed{S}/eval.json               --ablation-sizes: buffer not seeded
     OUT/n{size}/gfn-noseed-noagg-seed{S}/eval.json         ... and one rationale per review
-Rerunning skips finished runs and resumes unfinished training. The README table comes from
-    python3 scripts/results_table.py --subjectivity OUT --readme README.md --section subjectivity
+Rerunning skips finished runs and resumes unfinished training. The docs table comes from
+    python3 scripts/results_table.py subjectivity OUT --doc docs/experiments/subjectivity.md --section subjectivity
 """
 
 from __future__ import annotations

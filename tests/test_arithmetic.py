@@ -250,11 +250,11 @@ def test_cli_data_command_writes_disjoint_questions(tmp_path, files, capsys):
     worked, plain = files
     out = tmp_path / "test3.json"
     assert main(["data", "arithmetic", "--operands", "3", "--n", "50", "--seed", "2", "--out", str(out),
-                 "--exclude", str(worked), str(plain)]) == 0
+                 "--exclude", f"[{worked}, {plain}]"]) == 0
     rows = load_problems(out)
     assert len(rows) == 50
     assert not {p.question for p in rows} & {r["str_query"] for r in WORKED + PLAIN}
-    assert "wrote 50 questions" in capsys.readouterr().out
+    assert "wrote 50 rows" in capsys.readouterr().out
 
 
 def test_cli_eval_reports_a_bad_test_file(tmp_path, files, model_dir, capsys):

@@ -129,9 +129,11 @@ def test_a_key_declared_twice_is_an_error():
 
 def test_prompting_is_a_method_of_eval_only(tmp_path, capsys):
     config = tmp_path / "c.yaml"
-    config.write_text("method: prompting\n")
+    config.write_text("method: prompting\ntask: subjectivity\n")
     assert main(["train", "--output-dir", str(tmp_path / "r"), "--config", str(config)]) == 2
-    assert "unknown method 'prompting'; methods: gfn, ppo, sft, em" in capsys.readouterr().err
+    assert "task 'subjectivity' has no method 'prompting'; methods: gfn, sft, ppo, em" in capsys.readouterr().err
+    assert main(["eval", "--task", "random-number", "--method", "prompting"]) == 2  # no such baseline there
+    assert "task 'random-number' has no method 'prompting'; methods: gfn, sft, ppo" in capsys.readouterr().err
 
 
 def test_help_documents_every_setting(capsys):

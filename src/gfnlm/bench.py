@@ -441,3 +441,24 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def results_table(files: list[Path]) -> str:
+    """One row per ``gfnlm bench --output`` file (device): our step, the reference step, speed-up and memory."""
+    from gfnlm.report import markdown_table
+
+    header = ["device", "queries x samples", "max T (mean)", "our step (s)", "reference step (s)", "speed-up",
+              "our peak MB", "reference peak MB", "memory ratio", "sampling tok/s", "reward prefixes/s",
+              "share of matmul peak"]
+    rows = []
+    for path in files:
+        r = json.loads(Path(path).read_text())
+        ours, ref = r["ours"], r.get("reference", {})
+        share = ours["step_flop"] / ours["step_s"] / 1e9 / r["matmul_peak_gflops"]
+        st = r["settings"]
+        rows.append([r["device"], f"{st['queries']} x {st['samples']}", f"{st['max_len']} ({r['mean_actions']:.1f})",
+                     f"{ours['step_s']:.2f}", f"{ref['step_s']:.2f}" if ref else "-",
+                     f"{r['speedup']:.1f}x" if ref else "-", f"{ours['peak_memory_mb']:.0f}",
+                     f"{ref['peak_memory_mb']:.0f}" if ref else "-", f"{r['memory_ratio']:.2f}" if ref else "-",
+                     f"{ours['sampling_tokens_per_s']:.0f}", f"{ours['reward_prefixes_per_s']:.0f}", f"{100 * share:.0f}%"])
+    return markdown_table(header, rows)

@@ -1,4 +1,4 @@
-"""Command line: ``gfnlm train | eval | demo``.
+"""Command line: ``gfnlm train | eval | data | bench | demo``.
 
 Settings come from ``--config FILE.yaml`` and ``--key value`` overrides (the command line wins);
 ``gfnlm train --help`` lists every key with its documentation. A run directory receives
@@ -30,7 +30,6 @@ from gfnlm.config import (
 )
 
 logger = logging.getLogger("gfnlm")
-METHODS = ("gfn", "ppo", "sft", "em")
 RUN_KEYS = ("model", "task", "method")  # chosen by flags; may also appear in a YAML file
 
 
@@ -51,9 +50,9 @@ class RunSettings:
 
 
 def resolve_settings(args: argparse.Namespace, overrides: list[str], saved: dict | None = None,
-                     methods: tuple[str, ...] = METHODS) -> RunSettings:
+                     evaluating: bool = False) -> RunSettings:
     """Defaults < the task's defaults for the method < a saved run's config.yaml < --config file <
-    --key value overrides."""
+    --key value overrides. The method must be one the task trains (or, ``evaluating``, evaluates)."""
     from gfnlm.baselines.ppo import PPOConfig
     from gfnlm.models import DEFAULT_MODEL
     from gfnlm.tasks import get_task
@@ -69,9 +68,10 @@ def resolve_settings(args: argparse.Namespace, overrides: list[str], saved: dict
     model = str(settings.pop("model", DEFAULT_MODEL))
     task = str(settings.pop("task", "random-number"))
     method = str(settings.pop("method", "gfn"))
-    if method not in methods:
-        raise ConfigError(f"unknown method {method!r}; methods: {', '.join(methods)}")
     task_cls = get_task(task)
+    methods = task_cls.train_methods + (task_cls.eval_methods if evaluating else ())
+    if method not in methods:
+        raise ConfigError(f"task {task!r} has no method {method!r}; methods: {', '.join(methods)}")
     train, options, ppo = TrainConfig(), task_cls.Options(), PPOConfig()
     apply_settings([train, options, ppo], task_cls.method_settings(method, settings) | settings)
     train.validate()
@@ -79,33 +79,22 @@ def resolve_settings(args: argparse.Namespace, overrides: list[str], saved: dict
     return RunSettings(model, task, method, train, options, ppo)
 
 
-def build_trainer(run: RunSettings, model, tokenizer, task, output_dir: Path | None):
-    """The trainer of ``run.method`` for ``task``; the buffer is seeded for GFlowNet runs."""
-    import torch
+def load_task_and_model(run: RunSettings, adapter: str | None = None):
+    """The run's task and its base model (``Task.prepare_base_model``) on the run's device, with the
+    adapter of a run directory or peft folder applied (kept unmerged: tasks whose evaluation also
+    runs the base model switch it off)."""
+    from gfnlm.models import adapter_folder, load_model_and_tokenizer
+    from gfnlm.tasks import get_task
+    from gfnlm.trainer import resolve_device
 
-    from gfnlm.baselines.ppo import PPOTrainer
-    from gfnlm.baselines.sft import SFTTrainer
-    from gfnlm.trainer import GFlowNetTrainer
+    model, tokenizer = load_model_and_tokenizer(run.model, device=resolve_device(run.train.device))
+    task = get_task(run.task)(run.options, tokenizer)  # bad input fails here, before anything is written
+    model = task.prepare_base_model(model)
+    if adapter is not None:
+        from peft import PeftModel
 
-    space, queries = task.action_space(), task.train_queries()
-    if run.method == "gfn":
-        trainer = GFlowNetTrainer(model, tokenizer, task.reward(model), queries, space, run.train, task.tool(), output_dir)
-        if trainer.latest_checkpoint() is None:  # a resumed run gets its buffer back from the checkpoint
-            seeds = task.seed_records(trainer.model, torch.Generator().manual_seed(run.train.seed))
-            if seeds:
-                trainer.seed_buffer(seeds)
-        return trainer
-    if run.method == "ppo":
-        return PPOTrainer(model, tokenizer, task.reward(model), queries, space, run.train, run.ppo, task.tool(), output_dir)
-    if run.method == "em":  # M-step: the LM learns log p(Z Y | X) on rationales of the E-step's policy
-        if not (hasattr(task, "prepare_m_step") and getattr(run.options, "e_step_run", None)):
-            raise ConfigError(f"--method em needs a task with an EM step and --e_step_run GFN_RUN (task {run.task!r})")
-        if run.train.lora_rank == 0:
-            raise ConfigError("--method em trains a second LoRA adapter beside the E-step's: lora_rank must be > 0")
-        trainer = SFTTrainer(model, tokenizer, task.sft_examples, task.lm_space(), run.train, output_dir)
-        task.prepare_m_step(trainer.model, torch.Generator().manual_seed(run.train.seed))
-        return trainer
-    return SFTTrainer(model, tokenizer, task.sft_examples, space, run.train, output_dir)
+        model = PeftModel.from_pretrained(model, str(adapter_folder(adapter)))
+    return task, model
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -116,38 +105,18 @@ def write_json(path: Path, data: dict) -> None:
 
 def train_and_evaluate(run: RunSettings, output_dir: Path, resume: bool, label: str | None = None) -> dict:
     """Train ``run`` into ``output_dir`` (or resume it), then evaluate and write eval.json and figures."""
-    from gfnlm.models import load_model_and_tokenizer
-    from gfnlm.tasks import get_task
-
+    task, model = load_task_and_model(run)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model, tokenizer = load_model_and_tokenizer(run.model)
-    task = get_task(run.task)(run.options, tokenizer)
     (output_dir / "config.yaml").write_text(yaml.safe_dump(run.as_dict(), sort_keys=False))
-    trainer = build_trainer(run, model, tokenizer, task, output_dir)
+    trainer = task.trainer(run.method, model, run.train, run.ppo, output_dir)
     started = time.perf_counter()
     trainer.train(resume=resume)
     logger.info("trained %d steps in %.0f s", trainer.step, time.perf_counter() - started)
-    result = task.evaluate(trainer.model, output_dir, label or run.method)
+    result = task.evaluate(trainer.model, output_dir, label or task.eval_label(run.method, str(output_dir)))
     result["train_steps"] = trainer.step
     write_json(output_dir / "eval.json", result)
     task.figures([result], output_dir)
     return result
-
-
-def load_for_eval(model_name: str, adapter: str | None, device: str = "auto"):
-    """Base model with the adapter of a run directory or peft folder applied."""
-    from gfnlm.models import load_model_and_tokenizer
-    from gfnlm.trainer import resolve_device
-
-    model, tokenizer = load_model_and_tokenizer(model_name, device=resolve_device(device))
-    if adapter is None:
-        return model, tokenizer
-    from peft import PeftModel
-
-    from gfnlm.models import adapter_folder
-
-    # kept unmerged: tasks whose evaluation also runs the base model switch the adapter off
-    return PeftModel.from_pretrained(model, str(adapter_folder(adapter))), tokenizer
 
 
 # ----------------------------------------------------------------------------- commands
@@ -168,15 +137,13 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     saved = None
     if args.adapter and (Path(args.adapter) / "config.yaml").is_file():
         saved = yaml.safe_load((Path(args.adapter) / "config.yaml").read_text())
-    prompting = args.method == "prompting"
-    if prompting and args.adapter:
-        raise ConfigError("--method prompting evaluates the base model; drop --adapter")
-    run = resolve_settings(args, overrides, saved, methods=(*METHODS, "prompting"))
+    run = resolve_settings(args, overrides, saved, evaluating=True)
+    if run.method in get_task(run.task).eval_methods and args.adapter:
+        raise ConfigError(f"--method {run.method} evaluates the base model; drop --adapter")
     output_dir = Path(args.output_dir or args.adapter or "eval")
-    model, tokenizer = load_for_eval(run.model, args.adapter, run.train.device)
-    task = get_task(run.task)(run.options, tokenizer)  # bad input fails here, before anything is written
+    task, model = load_task_and_model(run, args.adapter)
     output_dir.mkdir(parents=True, exist_ok=True)
-    label = args.label or _eval_label(run, args.adapter, prompting)
+    label = args.label or task.eval_label(run.method, args.adapter)
     result = task.evaluate(model, output_dir, label)
     write_json(output_dir / "eval.json", result)
     task.figures([result], output_dir)
@@ -184,29 +151,20 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     return 0
 
 
-def _eval_label(run: RunSettings, adapter: str | None, prompting: bool) -> str:
-    if prompting:
-        return f"{getattr(run.options, 'shots', 0)}-shot prompting"
-    return run.method if adapter else "base"
-
-
 def cmd_data(args: argparse.Namespace, overrides: list[str]) -> int:
-    """Generate new arithmetic questions in the release format, disjoint from given files."""
-    from gfnlm.tasks.arithmetic import (
-        ArithmeticOptions,
-        generate_problems,
-        load_problems,
-    )
+    """Write a task's generated data file (``Task.make_data``) with its ``DataOptions`` settings."""
+    from gfnlm.tasks import get_task
 
-    if overrides:
-        raise ConfigError(f"unexpected arguments: {' '.join(overrides)}")
-    excluded = args.exclude if args.exclude is not None else [ArithmeticOptions.train_file, ArithmeticOptions.worked_file]
-    seen = {p.question for path in excluded for p in load_problems(path)}
-    rows = generate_problems(args.operands, args.n, args.seed, seen)
+    task_cls = get_task(args.task)
+    if task_cls.DataOptions is None:
+        raise ConfigError(f"task {args.task!r} generates no data files")
+    options = task_cls.DataOptions()
+    apply_settings([options], parse_overrides(overrides))
+    rows = task_cls.make_data(options)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     write_json(out, rows)
-    print(f"wrote {len(rows)} questions with {args.operands} operands to {out} (excluding {len(seen)} known ones)")
+    print(f"wrote {len(rows)} rows to {out}")
     return 0
 
 
@@ -243,8 +201,8 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     if base_path.is_file():
         base = json.loads(base_path.read_text())
     else:
-        model, tokenizer = load_for_eval(run.model, None, run.train.device)
-        base = get_task(run.task)(run.options, tokenizer).evaluate(model, root / "base", "base model")
+        task, model = load_task_and_model(run)
+        base = task.evaluate(model, root / "base", "base model")
         base_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(base_path, base)
     keys = _summary_keys(run.task)
@@ -283,7 +241,9 @@ DEMO_SETTINGS = {
 def format_table(results: list[dict], keys: tuple[str, ...]) -> str:
     """A plain-text table of the given metrics, one row per evaluated model."""
     header = ["model", *keys]
-    rows = [[str(r.get("label", "?")), *(_fmt(r.get(k)) for k in keys)] for r in results]
+    from gfnlm.report import format_number
+
+    rows = [[str(r.get("label", "?")), *(format_number(r.get(k)) for k in keys)] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]
     line = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths))  # noqa: E731
     return "\n".join([line(header), line(["-" * w for w in widths]), *map(line, rows)])
@@ -295,23 +255,28 @@ def _summary_keys(task: str) -> tuple[str, ...]:
     return get_task(task).summary_keys
 
 
-def _fmt(value) -> str:
-    if value is None:
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
-
-
 # ----------------------------------------------------------------------------- parser
 def _settings_epilog() -> str:
     from gfnlm.baselines.ppo import PPOConfig
     from gfnlm.tasks import TASKS
 
-    parts = ["settings (--key value, or in --config FILE.yaml):"]
+    parts = ["methods by task (--method): " + "; ".join(
+        f"{n}: {', '.join(t.train_methods)}" + (f" (eval also {', '.join(t.eval_methods)})" if t.eval_methods else "")
+        for n, t in TASKS.items()), "", "settings (--key value, or in --config FILE.yaml):"]
     for title, cls in [("training", TrainConfig), ("ppo", PPOConfig)] + [(n, t.Options) for n, t in TASKS.items()]:
         parts.append(f"  [{title}]")
         parts += [f"    --{k}: {h}" for k, h in field_help(cls).items()]
+    return "\n".join(parts)
+
+
+def _data_epilog() -> str:
+    from gfnlm.tasks import TASKS
+
+    parts = ["settings (--key value):"]
+    for name, task in TASKS.items():
+        if task.DataOptions is not None:
+            parts.append(f"  [{name}]")
+            parts += [f"    --{k}: {h}" for k, h in field_help(task.DataOptions).items()]
     return "\n".join(parts)
 
 
@@ -323,8 +288,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="fine-tune a model on a task", epilog=_settings_epilog(), formatter_class=fmt)
     train.add_argument("--task", help="task name (default random-number)")
-    train.add_argument("--method", choices=METHODS, help="gfn (default), ppo, sft, or em (an M-step after a "
-                       "GFlowNet run given as --e-step-run DIR)")
+    train.add_argument("--method", help="gfn (default), sft, ppo, or a method of the task's own (listed below)")
     train.add_argument("--model", help="embedded model name, Hugging Face id or local folder")
     train.add_argument("--output-dir", required=True, help="run directory")
     train.add_argument("--config", help="YAML file of settings")
@@ -335,22 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
                         formatter_class=fmt)
     ev.add_argument("--task")
     ev.add_argument("--model")
-    ev.add_argument("--method", choices=(*METHODS, "prompting"),
-                    help="how the adapter was trained, or 'prompting': the base model with --shots K examples")
+    ev.add_argument("--method", help="how the adapter was trained, or a baseline of the task's that evaluates the "
+                    "base model (e.g. prompting; listed below)")
     ev.add_argument("--adapter", help="run directory or peft adapter folder (default: the base model)")
     ev.add_argument("--output-dir", help="where eval.json goes (default: the adapter's run directory)")
     ev.add_argument("--label", help="name of the model in tables and figures")
     ev.add_argument("--config")
     ev.set_defaults(func=cmd_eval)
 
-    data = sub.add_parser("data", help="generate a task's data files")
-    data.add_argument("kind", choices=("arithmetic",))
-    data.add_argument("--operands", type=int, required=True, help="operands per question")
-    data.add_argument("--n", type=int, required=True, help="number of questions")
-    data.add_argument("--seed", type=int, default=0)
+    data = sub.add_parser("data", help="generate a task's data files", epilog=_data_epilog(), formatter_class=fmt)
+    data.add_argument("task", help="task name, e.g. arithmetic")
     data.add_argument("--out", required=True, help="JSON file to write")
-    data.add_argument("--exclude", nargs="*", help="files whose questions must not appear "
-                      "(default: the arithmetic training files)")
     data.set_defaults(func=cmd_data)
 
     bench = sub.add_parser("bench", help="time our training step against the paper's reference path",

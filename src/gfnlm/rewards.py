@@ -279,7 +279,7 @@ class LMSuffixReward:
     likelihood of Y. v > 1 sharpens the likelihood, so that rationales which make Y likely weigh
     more against a small LM's preference for short ones. Prefer v > 1 to w < 1: p^w with w < 1
     sums to far more than 1 over the exponentially many rationales, most of them junk, and on
-    arithmetic w = 0.25 collapsed the policy onto junk digit strings (README). With
+    arithmetic w = 0.25 collapsed the policy onto junk digit strings (docs/experiments/arithmetic.md). With
     ``context`` (e.g. k-shot demonstrations) the reward is conditioned on it too,
     p_LM(X Z Y | context) up to a constant per query; its computation is cached once.
     """

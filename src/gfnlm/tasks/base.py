@@ -1,8 +1,11 @@
-"""What a task supplies to the one engine: queries, action space, reward, optional tool and seeds.
+"""What a task supplies to the one engine: data, prompt format, action space, reward, metrics, tables.
 
 A task never samples or computes a loss itself; the trainer and the baselines do that for every
-task alike. Its options are a dataclass (``Options``) whose fields are documented like the
-trainer's, so they can be set from YAML or ``--key value``.
+task alike. Everything the command line, the trainer and the results tables need to know about a
+task is declared here, on the task's class, so that a new task is one file under ``tasks/`` and one
+line in ``tasks/__init__.py`` (docs/design.md, "Adding a task"). Its options are a dataclass
+(``Options``) whose fields are documented like the trainer's, so they can be set from YAML or
+``--key value``.
 """
 
 from __future__ import annotations
@@ -10,14 +13,19 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from gfnlm.config import setting
+from gfnlm.config import TrainConfig, setting
+from gfnlm.report import Headline, ResultsTable, runs_table
 from gfnlm.rewards import Reward
 from gfnlm.sampling import ToolHook
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
+
+if TYPE_CHECKING:
+    from gfnlm.baselines.ppo import PPOConfig
+    from gfnlm.trainer import Trainer
 
 
 @dataclass
@@ -36,10 +44,20 @@ class Task(ABC):
     Options: ClassVar[type[TaskOptions]] = TaskOptions
     summary_keys: ClassVar[tuple[str, ...]] = ()
     """Metrics of ``evaluate`` shown in the command line's tables."""
+    train_methods: ClassVar[tuple[str, ...]] = ("gfn", "sft", "ppo")
+    """Methods ``gfnlm train`` accepts; ``trainer`` builds each (a task adds its own by overriding it)."""
+    eval_methods: ClassVar[tuple[str, ...]] = ()
+    """Methods ``gfnlm eval`` accepts beyond the trained ones: baselines that evaluate the base model
+    without an adapter (prompting, decoding rules). ``method_settings`` turns each into options."""
+    DataOptions: ClassVar[type | None] = None
+    """Settings of ``gfnlm data TASK`` (a dataclass like ``Options``), for tasks that generate data files."""
+    headline: ClassVar[Headline | None] = None
+    """The task's row in the README's results table (``scripts/results_table.py summary``)."""
 
     def __init__(self, options: TaskOptions, tokenizer):
         self.options, self.tokenizer = options, tokenizer
 
+    # ----------------------------------------------------------------- the engine's inputs
     @abstractmethod
     def train_queries(self) -> list[Query]:
         """The inputs X (and Y) the policy is trained on."""
@@ -60,6 +78,14 @@ class Task(ABC):
         """
         return {}
 
+    def prepare_base_model(self, model):
+        """The base model the task works with, from the one loaded by name (default: that model).
+
+        Called once, before training or evaluation; everything that runs "the base model" (LM
+        rewards, prompting baselines, the policy's starting point) then runs what this returns.
+        """
+        return model
+
     def tool(self) -> ToolHook | None:
         return None
 
@@ -73,11 +99,56 @@ class Task(ABC):
         """``n`` target trajectories for the supervised fine-tuning baseline."""
         raise NotImplementedError(f"task {self.name!r} has no data for supervised fine-tuning")
 
+    def trainer(self, method: str, model, config: TrainConfig, ppo: PPOConfig, output_dir: Path | None) -> Trainer:
+        """The trainer of ``method`` on this task: GFlowNet fine-tuning (its buffer seeded), SFT or PPO.
+
+        A task with a method of its own (EM's M-step, a reward model to fine-tune) overrides this
+        for that method and calls ``super().trainer`` for the rest.
+        """
+        from gfnlm.baselines.ppo import PPOTrainer
+        from gfnlm.baselines.sft import SFTTrainer
+        from gfnlm.trainer import GFlowNetTrainer
+
+        space, queries = self.action_space(), self.train_queries()
+        if method == "gfn":
+            trainer = GFlowNetTrainer(model, self.tokenizer, self.reward(model), queries, space, config, self.tool(),
+                                      output_dir)
+            if trainer.latest_checkpoint() is None:  # a resumed run gets its buffer back from the checkpoint
+                seeds = self.seed_records(trainer.model, torch.Generator().manual_seed(config.seed))
+                if seeds:
+                    trainer.seed_buffer(seeds)
+            return trainer
+        if method == "ppo":
+            return PPOTrainer(model, self.tokenizer, self.reward(model), queries, space, config, ppo, self.tool(),
+                              output_dir)
+        if method == "sft":
+            return SFTTrainer(model, self.tokenizer, self.sft_examples, space, config, output_dir)
+        raise ValueError(f"task {self.name!r} cannot train with method {method!r}; methods: {', '.join(self.train_methods)}")
+
+    # ----------------------------------------------------------------- evaluation and reports
+    @abstractmethod
+    def evaluate(self, model, output_dir: Path | None, label: str) -> dict:
+        """The task's metrics for ``model`` (its adapter on, if any)."""
+
+    def eval_label(self, method: str, adapter: str | None) -> str:
+        """How ``gfnlm eval`` names the evaluated model in tables and figures."""
+        if method == "prompting":
+            return f"{getattr(self.options, 'shots', 0)}-shot prompting"
+        return method if adapter or method in self.eval_methods else "base"
+
     @classmethod
     def figures(cls, results: list[dict], output_dir: Path) -> list[Path]:
         """Write the task's figures for one or more evaluated models (from their eval.json); returns paths."""
         return []
 
-    @abstractmethod
-    def evaluate(self, model, output_dir: Path | None, label: str) -> dict:
-        """The task's metrics for ``model`` (its adapter on, if any)."""
+    @classmethod
+    def results_tables(cls) -> dict[str, ResultsTable]:
+        """The task's results tables by name, for ``scripts/results_table.py TASK[:NAME]``; "" is the default:
+        one row per run folder with the task's ``summary_keys``."""
+        return {"": ResultsTable(lambda runs: runs_table(runs, cls.summary_keys),
+                                 "one row per run folder: its label, the task's metrics, steps and training minutes")}
+
+    @classmethod
+    def make_data(cls, options: Any) -> list[dict]:
+        """The rows ``gfnlm data TASK`` writes, from ``DataOptions`` settings."""
+        raise NotImplementedError(f"task {cls.name!r} generates no data files")
