@@ -29,11 +29,11 @@ from pathlib import Path
 import yaml
 
 from gfnlm.baselines.ppo import PPOConfig
-from gfnlm.cli import RunSettings, build_trainer, load_for_eval, write_json
+from gfnlm.cli import RunSettings, write_json
 from gfnlm.config import ConfigError, TrainConfig, apply_settings, parse_key_values
-from gfnlm.models import DEFAULT_MODEL, load_model_and_tokenizer
+from gfnlm.models import DEFAULT_MODEL, load_adapter, load_model_and_tokenizer
 from gfnlm.tasks.arithmetic import ZERO_SHOT_CUE, ArithmeticOptions, ArithmeticTask, generate_problems, load_problems
-from gfnlm.trainer import logged_training_minutes, read_logged_metrics
+from gfnlm.trainer import logged_training_minutes, read_logged_metrics, resolve_device
 
 OPERANDS = (3, 4, 5)
 COMMON = {"lora_rank": 16, "lora_alpha": 32, "save_every": 25, "progress": False, "steps": 2000}
@@ -103,7 +103,7 @@ def train_run(args, method: str, seed: int, files: dict[int, Path], seed_rationa
     run = RunSettings(args.model, "arithmetic", method, train, task.options, ppo)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(run.as_dict(), sort_keys=False))
-    trainer = build_trainer(run, model, tokenizer, task, run_dir)
+    trainer = task.trainer(method, model, train, ppo, run_dir)
     trainer.train(resume=trainer.latest_checkpoint() is not None)
     extra = {"method": method, "seed": seed, "seed_rationales": task.options.seed_rationales, "train_steps": trainer.step,
              "train_minutes": logged_training_minutes(read_logged_metrics(run_dir)), "samples_per_step": train.queries_per_step * train.samples_per_query,
@@ -121,13 +121,14 @@ def curve_runs(args, files: dict[int, Path], settings: dict[str, str]) -> None:
             out = run_dir / "curve" / f"step-{step}"
             if all((out / f"eval-{k}ops" / "eval.json").is_file() for k in files):
                 continue
-            model, tokenizer = load_for_eval(args.model, str(checkpoint), args.device)
+            model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device))
+            model = load_adapter(model, checkpoint)
             extra = {"method": "gfn", "seed": seed, "train_steps": step, "settings": settings}
             evaluate_all(model, tokenizer, out, files, options, f"gfn step {step}", extra)
 
 
 def prompting_runs(args, files: dict[int, Path]) -> None:
-    model, tokenizer = load_for_eval(args.model, None, args.device)
+    model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device))
     for k in args.shots:
         for seed in args.seeds if k > 0 else args.seeds[:1]:
             options = {"shots": k, "shot_seed": seed, "cue": "" if k else ZERO_SHOT_CUE,

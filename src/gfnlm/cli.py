@@ -83,18 +83,14 @@ def load_task_and_model(run: RunSettings, adapter: str | None = None):
     """The run's task and its base model (``Task.prepare_base_model``) on the run's device, with the
     adapter of a run directory or peft folder applied (kept unmerged: tasks whose evaluation also
     runs the base model switch it off)."""
-    from gfnlm.models import adapter_folder, load_model_and_tokenizer
+    from gfnlm.models import load_adapter, load_model_and_tokenizer
     from gfnlm.tasks import get_task
     from gfnlm.trainer import resolve_device
 
     model, tokenizer = load_model_and_tokenizer(run.model, device=resolve_device(run.train.device))
     task = get_task(run.task)(run.options, tokenizer)  # bad input fails here, before anything is written
     model = task.prepare_base_model(model)
-    if adapter is not None:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, str(adapter_folder(adapter)))
-    return task, model
+    return task, (load_adapter(model, adapter) if adapter is not None else model)
 
 
 def write_json(path: Path, data: dict) -> None:

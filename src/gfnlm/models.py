@@ -37,6 +37,7 @@ __all__ = [
     "ModelLoadError",
     "adapter_folder",
     "cache_dir",
+    "load_adapter",
     "load_model_and_tokenizer",
     "resolve_model",
     "stop_token_ids",
@@ -144,6 +145,14 @@ def adapter_folder(path: str | os.PathLike[str]) -> Path:
     if not (folder / "adapter_config.json").is_file():
         raise ModelLoadError(f"{path} is neither a run directory nor a peft adapter folder")
     return folder
+
+
+def load_adapter(model, path: str | os.PathLike[str]):
+    """``model`` with the trained LoRA adapter of a run directory, a checkpoint or a peft folder
+    (``adapter_folder``), kept unmerged so that code that runs the base model can switch it off."""
+    from peft import PeftModel
+
+    return PeftModel.from_pretrained(model, str(adapter_folder(path)))
 
 
 def stop_token_ids(tokenizer: PreTrainedTokenizerBase) -> tuple[int, ...]:
