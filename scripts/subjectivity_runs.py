@@ -19,29 +19,10 @@ import argparse
 import logging
 from pathlib import Path
 
-from gfnlm.cli import main as gfnlm
-from gfnlm.config import ConfigError, parse_key_values
+from gfnlm.experiments import run_command, settings_flags
 
 SUPERVISED = ["--steps", "50", "--warmup_steps", "10", "--queries_per_step", "8", "--samples_per_query", "1"]
 """SFT and EM's M-step: 400 examples seen (the paper: 100 steps x 256), within CPU reach."""
-
-
-def run(argv: list[str], out: Path) -> None:
-    """One ``gfnlm train`` / ``gfnlm eval`` into ``out``, skipped when its eval.json exists."""
-    if (out / "eval.json").is_file():
-        return
-    resume = ["--resume"] if argv[0] == "train" and (out / "checkpoints").is_dir() else []
-    logging.info("gfnlm %s", " ".join([*argv, "--output-dir", str(out), *resume]))
-    if gfnlm([*argv, "--output-dir", str(out), *resume]) != 0:
-        raise SystemExit(f"failed: gfnlm {' '.join(argv)}")
-
-
-def _flags(parser: argparse.ArgumentParser, option: str, settings: list[str]) -> list[str]:
-    """KEY=VALUE settings as command-line flags (--KEY VALUE); a malformed one is a usage error."""
-    try:
-        return [word for key, value in parse_key_values(settings).items() for word in (f"--{key}", value)]
-    except ConfigError as error:
-        parser.error(f"{option}: {error}")
 
 
 def main() -> None:
@@ -74,33 +55,33 @@ def main() -> None:
     gfn = ["--steps", str(args.gfn_steps), "--warmup_steps", "10", "--queries_per_step", "4",
            "--samples_per_query", str(args.gfn_samples), "--reward_temp_horizon", str(max(1, 2 * args.gfn_steps // 3)),
            "--save_every", "10"]
-    gfn += _flags(parser, "--gfn-settings", args.gfn_settings)
-    supervised = [*SUPERVISED, *_flags(parser, "--supervised-settings", args.supervised_settings)]
+    gfn += settings_flags(parser, "--gfn-settings", args.gfn_settings)
+    supervised = [*SUPERVISED, *settings_flags(parser, "--supervised-settings", args.supervised_settings)]
     if "prompting" in args.methods:
-        run(["eval", "--method", "prompting", "--label", "zero-shot prompting", *common], args.out / "zero-shot")
+        run_command(["eval", "--method", "prompting", "--label", "zero-shot prompting", *common], args.out / "zero-shot")
     if "gfn" in args.methods:  # what the GFlowNet starts from: the base model's own rationales, then its answers
-        run(["eval", "--label", "base model, sampled rationales", *common], args.out / "base-rationales")
+        run_command(["eval", "--label", "base model, sampled rationales", *common], args.out / "base-rationales")
     for size in args.sizes:
         root, data = args.out / f"n{size}", [*common, "--train_size", str(size)]
         for seed in args.seeds:
             seeded = [*data, "--seed", str(seed)]
             if "gfn" in args.methods or "em" in args.methods:
-                run(["train", "--method", "gfn", *seeded, *gfn], root / f"gfn-seed{seed}")
+                run_command(["train", "--method", "gfn", *seeded, *gfn], root / f"gfn-seed{seed}")
             if "em" in args.methods:
                 for lr in args.lrs:
-                    run(["train", "--method", "em", "--e_step_run", str(root / f"gfn-seed{seed}"), "--lr", lr,
+                    run_command(["train", "--method", "em", "--e_step_run", str(root / f"gfn-seed{seed}"), "--lr", lr,
                          *seeded, *supervised], root / f"em-lr{lr}-seed{seed}")
             if "sft" in args.methods:
                 for lr in args.lrs:
-                    run(["train", "--method", "sft", "--lr", lr, *seeded, *supervised], root / f"sft-lr{lr}-seed{seed}")
+                    run_command(["train", "--method", "sft", "--lr", lr, *seeded, *supervised], root / f"sft-lr{lr}-seed{seed}")
             if "prompting" in args.methods:
-                run(["eval", "--method", "prompting", "--shots", str(size), "--shot_seed", str(seed), *data],
+                run_command(["eval", "--method", "prompting", "--shots", str(size), "--shot_seed", str(seed), *data],
                     root / f"prompting-seed{seed}")
         if size in args.ablation_sizes:
             seed = args.seeds[0]
             noseed = root / f"gfn-noseed-seed{seed}"
-            run(["train", "--method", "gfn", "--seed_buffer", "false", *data, "--seed", str(seed), *gfn], noseed)
-            run(["eval", "--adapter", str(noseed), "--eval_samples", "1", "--label", "gfn, no seeds, no aggregation"],
+            run_command(["train", "--method", "gfn", "--seed_buffer", "false", *data, "--seed", str(seed), *gfn], noseed)
+            run_command(["eval", "--adapter", str(noseed), "--eval_samples", "1", "--label", "gfn, no seeds, no aggregation"],
                 root / f"gfn-noseed-noagg-seed{seed}")
 
 

@@ -28,3 +28,22 @@ def test_gfn_fine_tuning_teaches_the_embedded_model_to_write_digits(tmp_path):
     # KL 1.63; seeds 1 and 2 reached 0.08 and 0.09).
     assert after["kl"] < 0.1
     assert (tmp_path / "checkpoints").is_dir()
+
+
+def test_gfn_fine_tuning_makes_the_embedded_models_next_sentences_likelier(tmp_path):
+    from gfnlm.tasks.continuation import ContinuationOptions, ContinuationTask
+
+    model, tokenizer = load_model_and_tokenizer()
+    prompts = tmp_path / "prompts.txt"  # two of the release's prompts, trained on and evaluated on
+    prompts.write_text("She questions the suspension and the timing. \nThe federal cabinet approved the extension from July 1. \n")
+    options = ContinuationOptions(prompts_file=str(prompts), prompts_used=2, train_prompts=2, test_file=str(prompts),
+                                  max_len=12, eval_samples=16, encoder="all-MiniLM-L6-v2")
+    task = ContinuationTask(options, tokenizer)
+    before = task.evaluate(model)
+    config = TrainConfig(steps=12, queries_per_step=2, samples_per_query=8, lr=1e-3, lora_rank=8, lora_alpha=16,
+                         reward_temp_end=0.5, p_replay=0.25, p_tempered=0.25, log_z_init="estimate", progress=False)
+    trainer = GFlowNetTrainer(model, tokenizer, task.reward(model), task.train_queries(), task.action_space(), config)
+    trainer.train()
+    after = task.evaluate(trainer.model)
+    # measured 2026-12-02 (one thread): mean log p(Z . | X) of the policy's sentences -53.1 before, -12.4 after
+    assert after["mean_log_likelihood"] > before["mean_log_likelihood"] + 5

@@ -29,6 +29,7 @@ from typing import Callable, Iterator
 import torch
 
 from gfnlm.config import TrainConfig, setting
+from gfnlm.decoding import TokenCounter
 from gfnlm.losses import modified_subtb_loss
 from gfnlm.reference import per_prefix_suffix_rewards, sample_with_grad
 from gfnlm.rewards import LMSuffixReward, adapter_disabled
@@ -137,32 +138,6 @@ def cpu_memory_mb() -> float:
         return (info.uordblks + info.hblkhd) / 2**20
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * 4096 / 2**20
-
-
-class TokenCounter:
-    """Counts the tokens the decoder processes, with and without gradients (for the FLOP estimate)."""
-
-    def __init__(self, model):
-        from gfnlm.scoring import split_model
-
-        self.body = split_model(model)[0]
-        self.with_grad = self.without_grad = 0
-        self.handle = self.body.register_forward_pre_hook(self._count, with_kwargs=True)
-
-    def _count(self, module, args, kwargs) -> None:
-        ids = kwargs.get("input_ids", args[0] if args else None)
-        n = ids.numel() if ids is not None else kwargs["inputs_embeds"].shape[:2].numel()
-        if torch.is_grad_enabled():
-            self.with_grad += n
-        else:
-            self.without_grad += n
-
-    def reset(self) -> None:
-        self.with_grad = self.without_grad = 0
-
-    def flops(self, n_params: int) -> float:
-        """2 N per token forward; backward through frozen weights (LoRA) costs about as much again."""
-        return 2 * n_params * (self.without_grad + 2 * self.with_grad)
 
 
 def _sync(device: torch.device) -> None:

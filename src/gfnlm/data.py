@@ -61,3 +61,28 @@ def _load_hub_dataset(name: str, split: str) -> list[dict]:
     except ImportError:
         raise ValueError(f"{name!r} is not a file; loading a Hugging Face dataset needs `pip install datasets`") from None
     return list(datasets.load_dataset(name, split=split))
+
+
+def read_lines(source: str | Path, split: str = "train", column: str = "text") -> list[str]:
+    """The lines of a text file (one item a line, newline removed), or a Hugging Face dataset's ``column``.
+
+    An empty source, or an empty line, is an error that names the file and line.
+    """
+    path = Path(source)
+    if path.is_file():
+        lines = path.read_text(encoding="utf-8").split("\n")
+        if lines and lines[-1] == "":
+            lines.pop()  # the newline that ends the last line
+    elif path.suffix == ".txt" or path.exists():
+        raise ValueError(f"text file {path} does not exist")
+    else:
+        rows = _load_hub_dataset(str(source), split)
+        if rows and column not in rows[0]:
+            raise ValueError(f"dataset {source!r} has no column {column!r} (columns: {', '.join(rows[0])})")
+        lines = [str(row[column]) for row in rows]
+    if not lines:
+        raise ValueError(f"{source}: no lines")
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            raise ValueError(f"{source}, line {number}: empty")
+    return lines

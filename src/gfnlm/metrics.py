@@ -40,3 +40,16 @@ def js_divergence(p: Sequence[float], q: Sequence[float]) -> float:
     _check(p, q)
     m = [(a + b) / 2 for a, b in zip(p, q)]
     return 0.5 * kl_divergence(p, m) + 0.5 * kl_divergence(q, m)
+
+
+def embedding_diversity(embeddings) -> float:
+    """1 - the mean cosine similarity over all pairs of the unit-norm rows of ``embeddings`` [n, d].
+
+    0 when every row is the same; the paper's diversity of N continuations of one prompt (§4.1).
+    """
+    n = embeddings.shape[0]
+    if n < 2:
+        raise ValueError(f"diversity needs at least 2 samples, got {n}")
+    similarity = embeddings @ embeddings.T  # [n, n]
+    upper = similarity.triu(diagonal=1)
+    return float(1.0 - upper.sum() / (n * (n - 1) / 2))

@@ -27,8 +27,8 @@ from torch import Tensor
 
 from gfnlm.losses import state_mask
 from gfnlm.sampling import eval_mode
-from gfnlm.scoring import head_log_probs, shared_prompt_hidden, split_model
-from gfnlm.trajectories import Query, Trajectories
+from gfnlm.scoring import head_log_probs, score_policy, shared_prompt_hidden, split_model
+from gfnlm.trajectories import ActionSpace, Query, Trajectories
 
 if TYPE_CHECKING:
     from gfnlm.context import SharedContext
@@ -260,15 +260,34 @@ def lm_continuation_log_likelihoods(
 
 
 class LMStopReward:
-    """log R(s_i ⊤) = log p_LM(s_i ⊤ | X): the model's probability of the prefix and of stopping there."""
+    """log R(s_i ⊤) = log p_LM(s_i ⊤ | X): the model's probability of the prefix and of stopping there.
 
-    def __init__(self, model, tokenizer, stop_token_ids: Sequence[int]):
+    With ``allowed_token_ids`` the LM is restricted to those tokens and the stop tokens, renormalised
+    at every step, as a policy of that action space is: the target is then the base model's own
+    sampling distribution within the action space (e.g. sentences that can only end with ".").
+    The stop is never forced here, so every state keeps its own probability of stopping.
+    """
+
+    def __init__(self, model, tokenizer, stop_token_ids: Sequence[int], allowed_token_ids: Sequence[int] | None = None):
         self.model, self.tokenizer, self.stop_token_ids = model, tokenizer, tuple(stop_token_ids)
+        self.allowed_token_ids = tuple(allowed_token_ids) if allowed_token_ids is not None else None
 
     def __call__(self, traj: Trajectories) -> Tensor:
         with adapter_disabled(self.model), eval_mode(self.model):
-            log_r = lm_prefix_log_likelihoods(self.model, traj, stop_token_ids=self.stop_token_ids)
+            if self.allowed_token_ids is None:
+                log_r = lm_prefix_log_likelihoods(self.model, traj, stop_token_ids=self.stop_token_ids)
+            else:
+                space = ActionSpace(self.stop_token_ids, max_len=traj.horizon + 1, allowed_token_ids=self.allowed_token_ids)
+                log_r = policy_prefix_log_likelihoods(self.model, traj, space)
         return check_log_rewards(log_r, traj, type(self).__name__)
+
+
+@torch.no_grad()
+def policy_prefix_log_likelihoods(model, traj: Trajectories, space: ActionSpace) -> Tensor:
+    """log q(z_1..z_i ⊤) of every prefix under ``model`` as a policy of ``space``, in one teacher-forced pass. [B, T+1]."""
+    log_pf, log_pterm = score_policy(model, traj, space)  # [B, T], [B, T+1]; 0 past each length
+    prefix = torch.cat([log_pf.new_zeros(len(traj), 1), log_pf.cumsum(dim=1)], dim=1)  # [B, T+1]
+    return prefix + log_pterm
 
 
 class LMSuffixReward:

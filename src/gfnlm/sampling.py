@@ -106,6 +106,26 @@ def draw_tokens(probs: Tensor, generator: torch.Generator | None = None) -> Tens
     return torch.searchsorted(cdf, u, right=True).clamp(max=probs.shape[1] - 1).squeeze(1)
 
 
+def truncate(log_probs: Tensor, top_k: int | None = None, top_p: float | None = None) -> Tensor:
+    """Keep the ``top_k`` likeliest tokens and / or the smallest set whose probability reaches ``top_p``
+    (nucleus), renormalised; the rest get -inf. [N, V] -> [N, V]. The likeliest token always stays."""
+    if top_k is None and top_p is None:
+        return log_probs
+    ordered, order = log_probs.sort(dim=-1, descending=True)  # [N, V]
+    keep = torch.ones_like(ordered, dtype=torch.bool)
+    if top_k is not None:
+        if top_k < 1:
+            raise ValueError(f"top_k must be at least 1, got {top_k}")
+        keep[:, top_k:] = False
+    if top_p is not None:
+        if not 0 < top_p <= 1:
+            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
+        mass_before = ordered.exp().cumsum(dim=-1) - ordered.exp()  # probability of the likelier tokens
+        keep &= mass_before < top_p
+    kept = torch.full_like(log_probs, float("-inf")).scatter(1, order, ordered.masked_fill(~keep, float("-inf")))
+    return kept.log_softmax(dim=-1)
+
+
 def _next_step_logits(model, chunk: Tensor, chunk_mask: Tensor, full_mask: Tensor, cache) -> tuple[Tensor, object]:
     """Feed a [B, K] chunk through the cached model; return each row's logits at its last real token.
 
@@ -140,11 +160,14 @@ def sample(
     generator: torch.Generator | None = None,
     tool: ToolHook | None = None,
     context: SharedContext | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> Trajectories:
     """Draw one trajectory per query (repeat a query to draw several).
 
     ``temperature`` (scalar or one per row) tempers the behaviour policy only; 0 picks the most
-    likely token (greedy decoding). ``context`` is a fixed text before every prompt whose base-model
+    likely token (greedy decoding). ``top_k`` / ``top_p`` truncate it too (top-k and nucleus
+    sampling, ``truncate``). ``context`` is a fixed text before every prompt whose base-model
     cache is reused (``gfnlm.context``); use it only when ``model`` runs as its base model. The log-probs
     recorded in ``sampling_log_pf`` / ``sampling_log_pterm`` are those of the policy itself
     (temperature 1, action-space mask and forced stop applied), which is what the scorer computes.
@@ -178,7 +201,7 @@ def sample(
         while True:
             log_probs = space.policy_log_probs(logits, n_actions)  # [B, V] the policy itself
             stop_lp = space.stop_log_prob(log_probs)  # [B]
-            behaviour = space.policy_log_probs(logits, n_actions, temps.clamp(min=1e-6))
+            behaviour = truncate(space.policy_log_probs(logits, n_actions, temps.clamp(min=1e-6)), top_k, top_p)
             drawn = draw_tokens(behaviour.exp().cpu(), generator).to(device)
             token = torch.where(temps == 0, log_probs.argmax(dim=1), drawn)  # [B]
             stops = torch.isin(token, stop_ids)
