@@ -14,7 +14,8 @@ from gfnlm.cli import main
 from gfnlm.data import read_lines
 from gfnlm.metrics import embedding_diversity
 from gfnlm.rewards import LMStopReward
-from gfnlm.tasks.continuation import ContinuationOptions, ContinuationTask, allowed_tokens, banned_token
+from gfnlm.sentence import allowed_tokens, banned_token
+from gfnlm.tasks.continuation import ContinuationOptions, ContinuationTask
 from gfnlm.trajectories import Query, TrajectoryRecord, Trajectories
 
 LIGHT = "all-MiniLM-L6-v2"
