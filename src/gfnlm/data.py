@@ -50,6 +50,8 @@ def _parse_file(path: Path) -> list:
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}: neither a JSON list nor JSON lines (line {number + 1}: {err})") from None
         return rows
+    if isinstance(rows, dict):  # JSON lines with a single row
+        return [rows]
     if not isinstance(rows, list):
         raise ValueError(f"{path}: expected a list of rows, got {type(rows).__name__}")
     return rows

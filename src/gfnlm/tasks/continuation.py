@@ -47,7 +47,7 @@ from gfnlm.config import setting
 from gfnlm.data import read_lines
 from gfnlm.decoding import RULES, DecodingRule, RuleName, TokenCounter, as_batch, decode
 from gfnlm.metrics import embedding_diversity
-from gfnlm.report import Headline, Pick, ResultsTable, markdown_table, read_eval
+from gfnlm.report import ResultsTable, markdown_table, read_eval
 from gfnlm.rewards import LMStopReward, terminal_values
 from gfnlm.sentence import SENTENCE_END, allowed_tokens
 from gfnlm.tasks.base import Task, TaskOptions
