@@ -99,14 +99,20 @@ def write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def train_and_evaluate(run: RunSettings, output_dir: Path, resume: bool, label: str | None = None) -> dict:
-    """Train ``run`` into ``output_dir`` (or resume it), then evaluate and write eval.json and figures."""
+def train_and_evaluate(run: RunSettings, output_dir: Path, resume: bool, label: str | None = None) -> dict | None:
+    """Train ``run`` into ``output_dir`` (or resume it), then evaluate and write eval.json and figures.
+
+    Under ``torchrun`` / ``accelerate launch`` every process trains; rank 0 alone writes and evaluates
+    (the others return None)."""
     task, model = load_task_and_model(run)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    (output_dir / "config.yaml").write_text(yaml.safe_dump(run.as_dict(), sort_keys=False))
     trainer = task.trainer(run.method, model, run.train, run.ppo, output_dir)
+    if trainer.ranks.writes:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        (output_dir / "config.yaml").write_text(yaml.safe_dump(run.as_dict(), sort_keys=False))
     started = time.perf_counter()
     trainer.train(resume=resume)
+    if not trainer.ranks.writes:
+        return None
     logger.info("trained %d steps in %.0f s", trainer.step, time.perf_counter() - started)
     result = task.evaluate(trainer.model, output_dir, label or task.eval_label(run.method, str(output_dir)))
     result["train_steps"] = trainer.step
@@ -123,7 +129,8 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
         saved = yaml.safe_load((output_dir / "config.yaml").read_text())
     run = resolve_settings(args, overrides, saved)
     result = train_and_evaluate(run, output_dir, args.resume)
-    print(format_table([result], _summary_keys(run.task)))
+    if result is not None:
+        print(format_table([result], _summary_keys(run.task)))
     return 0
 
 

@@ -89,7 +89,14 @@ class TrainConfig:
     save_every: int = setting(50, "Write a checkpoint every this many steps (and at the end).")
     keep_checkpoints: int = setting(2, "How many recent checkpoints to keep.")
     max_nan_steps: int = setting(5, "Stop after this many consecutive non-finite losses (each one skips its update).")
-    device: str = setting("auto", "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ...")
+    device: str = setting("auto", "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ... (under accelerate launch "
+                                  "each process takes the device it is given; 'cpu' keeps them all on the CPU)")
+    mixed_precision: Literal["no", "bf16", "fp16"] = setting(
+        "no", "Autocast sampling, scoring and rewards in bf16 or fp16 (CUDA; bf16 also on a CPU with native bfloat16); "
+              "the losses and log Z stay float32. Refused where the device cannot run it.")
+    dist_timeout_s: float = setting(
+        600.0, "With several processes: how long one waits for the others in a collective before it stops with an "
+               "error (a crashed rank must not leave the rest waiting forever).")
     progress: bool = setting(True, "Show a progress bar.")
 
     def validate(self) -> None:
@@ -107,6 +114,8 @@ class TrainConfig:
         if min(sources) < 0 or sum(sources) > 1:
             raise ConfigError(f"p_replay, p_tempered and p_base must be >= 0 and sum to <= 1, got {sources}")
         check_choices(self)
+        if not self.dist_timeout_s > 0:
+            raise ConfigError(f"dist_timeout_s must be positive, got {self.dist_timeout_s}")
         if self.lora_rank < 0 or self.warmup_steps < 0 or self.reward_temp_horizon < 0 or self.time_limit_minutes < 0:
             raise ConfigError("lora_rank, warmup_steps, reward_temp_horizon and time_limit_minutes must be >= 0")
 

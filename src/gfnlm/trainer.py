@@ -39,6 +39,7 @@ from tqdm.auto import tqdm
 
 from gfnlm.buffer import ReplayBuffer
 from gfnlm.config import TrainConfig
+from gfnlm.distributed import RANK_SEED_STRIDE, PolicyScorer, Ranks, make_accelerator, reduce_metrics
 from gfnlm.losses import detailed_balance_loss, modified_subtb_loss, trajectory_balance_loss
 from gfnlm.rewards import Reward, adapter_disabled, compute_log_rewards, terminal_values
 from gfnlm.sampling import ToolHook, eval_mode, require_pad_token, sample, text_records
@@ -151,19 +152,33 @@ class Trainer:
         self.config.validate()
         self.tokenizer, self.space, self.tool = tokenizer, space, tool
         self.pad_id = require_pad_token(tokenizer)
-        self.device = resolve_device(self.config.device)
+        self.accelerator = make_accelerator(self.config, resolve_device(self.config.device))
+        self.ranks = Ranks(self.accelerator)
+        # one process honours --device; under accelerate launch each rank takes the device it was given
+        self.device = resolve_device(self.config.device) if self.ranks.world == 1 else self.accelerator.device
+        if self.device.type == "cpu":
+            self.device = torch.device("cpu")  # not accelerate's "cpu:0", which safetensors refuses
         self.output_dir = Path(output_dir) if output_dir is not None else None
-        torch.manual_seed(self.config.seed)  # LoRA and head initialisation
+        torch.manual_seed(self.config.seed)  # LoRA and head initialisation: the same on every rank
         self.model = apply_lora(model, self.config).to(self.device)
-        self.generator = torch.Generator().manual_seed(self.config.seed)  # all sampling and batch draws
+        # the policy's scores as one module (for DDP), and the model as samplers and checkpoints see it
+        self.scorer = self.accelerator.prepare(PolicyScorer(self.model, space))
+        self.model = self.accelerator.unwrap_model(self.scorer).model
+        # all sampling and batch draws; rank 0's stream is the single process's
+        self.generator = torch.Generator().manual_seed(self.config.seed + self.ranks.rank * RANK_SEED_STRIDE)
         self.step = 0
         self.nan_streak = 0
+
+    def score(self, traj: Trajectories) -> tuple[Tensor, Tensor]:
+        """The policy's log P_F [B, T] and log P_⊤ [B, T+1] with gradients (``score_policy``), through the
+        data-parallel wrapper so that its gradients are averaged over the ranks."""
+        return self.scorer(traj.input_ids, traj.attention_mask, traj.is_action, traj.prompt_len)
 
     def build_optimizer(self) -> None:
         """Call at the end of a subclass's __init__, once its extra parameters exist."""
         groups = [{"params": [p for p in self.model.parameters() if p.requires_grad], "lr": self.config.lr}]
         groups += self.extra_parameters()
-        self.optimizer = torch.optim.AdamW(groups, weight_decay=self.config.weight_decay)
+        self.optimizer = self.accelerator.prepare(torch.optim.AdamW(groups, weight_decay=self.config.weight_decay))
         # warm-up and decay shape the policy's learning rate; log Z and heads keep theirs, so that
         # a flow estimate still far off when the policy's rate decays can still settle
         factors = [self.lr_factor] + [lambda step: 1.0] * (len(groups) - 1)
@@ -192,14 +207,42 @@ class Trainer:
     def load_extra_state(self, state: dict) -> None:
         pass
 
+    def rank_state(self) -> dict:
+        """What differs between ranks and a checkpoint must hold for each: the random streams (and a
+        subclass's own, e.g. the replay buffer)."""
+        return {"generator": self.generator.get_state(), "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+
+    def load_rank_state(self, state: dict) -> None:
+        self.generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+
+    def sync_gradients(self) -> None:
+        """Gradients of parameters that DDP does not hold (log Z), averaged over the ranks here."""
+
     def train_step(self) -> dict:
         raise NotImplementedError
 
-    def apply_gradients(self) -> tuple[bool, float]:
-        """Clip and step unless a gradient is non-finite; returns (updated, grad norm)."""
+    def backward(self, loss: Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def zero_loss(self) -> Tensor:
+        """A loss of exactly 0 that reaches every trainable parameter: what a rank whose loss is not finite
+        backpropagates, so that DDP's all-reduce still meets every rank (the step is then skipped)."""
+        return sum(p.sum() for p in self.model.parameters() if p.requires_grad) * 0.0
+
+    def apply_gradients(self, finite: bool = True) -> tuple[bool, float]:
+        """Clip and step unless a loss (``finite`` false on any rank) or a gradient is non-finite; returns
+        (updated, grad norm). Every rank reaches the same verdict, so the ranks' parameters stay equal."""
         c = self.config
+        self.sync_gradients()
         params = [p for group in self.optimizer.param_groups for p in group["params"]]
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf")))
+        if self.ranks.any(not finite):
+            self.optimizer.zero_grad(set_to_none=True)
+            return False, float("nan")
+        grad_norm = float(self.accelerator.clip_grad_norm_(params, c.max_grad_norm if c.max_grad_norm > 0 else float("inf")))
         if math.isfinite(grad_norm):
             self.optimizer.step()
             return True, grad_norm
@@ -217,7 +260,7 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         elapsed = time.perf_counter() - started
-        return {
+        row = {
             "step": self.step,
             **metrics,
             "lr": lr,
@@ -226,6 +269,10 @@ class Trainer:
             "step_time_s": elapsed,
             "peak_memory_mb": peak_memory_mb(self.device),
         }
+        if self.ranks.world == 1:
+            return row
+        rows = self.ranks.gather((row, n_samples, elapsed))  # the metrics of the whole job
+        return reduce_metrics([r for r, _, _ in rows], [n for _, n, _ in rows], [t for _, _, t in rows])
 
     # ----------------------------------------------------------------- the run
     progress_keys = ("loss", "samples_per_s")
@@ -234,8 +281,11 @@ class Trainer:
         """Run until ``config.steps``; with ``resume`` continue from the latest checkpoint."""
         c = self.config
         history: list[dict] = []
+        writes = self.output_dir is not None and self.ranks.writes
         if self.output_dir is not None:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
+            if writes:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+            self.ranks.wait()
             if resume:
                 self.load_latest_checkpoint()
             elif self.latest_checkpoint() is not None:
@@ -243,12 +293,14 @@ class Trainer:
                     f"{self.output_dir} already holds checkpoints; pass resume=True (--resume) to continue "
                     "that run, or choose another output directory"
                 )
-            self._truncate_metrics()
-        bar = tqdm(total=c.steps, initial=self.step, desc=self.name, disable=not c.progress, dynamic_ncols=True)
+            if writes:
+                self._truncate_metrics()
+        bar = tqdm(total=c.steps, initial=self.step, desc=self.name, disable=not (c.progress and self.ranks.writes),
+                   dynamic_ncols=True)
         deadline = time.perf_counter() + 60 * c.time_limit_minutes if c.time_limit_minutes > 0 else math.inf
         try:
             while self.step < c.steps:
-                if time.perf_counter() > deadline:
+                if self.ranks.from_rank0(time.perf_counter() > deadline):  # every rank stops at the same step
                     logger.info("time limit of %g minutes reached at step %d", c.time_limit_minutes, self.step)
                     if self.output_dir is not None and self.nan_streak == 0:
                         self.save_checkpoint()
@@ -258,7 +310,7 @@ class Trainer:
                 bar.update(1)
                 bar.set_postfix({k: f"{metrics[k]:.3g}" for k in self.progress_keys if k in metrics})
                 if self.output_dir is not None:
-                    if self.step % c.log_every == 0 or self.step == c.steps:
+                    if writes and (self.step % c.log_every == 0 or self.step == c.steps):
                         with open(self.output_dir / METRICS_FILE, "a") as f:
                             f.write(json.dumps(metrics) + "\n")
                     if self.nan_streak == 0 and (self.step % c.save_every == 0 or self.step == c.steps):
@@ -273,7 +325,8 @@ class Trainer:
     @torch.no_grad()
     def sample(self, queries: Sequence[Query], temperature: float | Sequence[float] = 1.0) -> Trajectories:
         """Draw one trajectory per query from the current policy (temperature scalar or per query)."""
-        return sample(self.model, self.tokenizer, queries, self.space, temperature, self.generator, self.tool)
+        with self.accelerator.autocast():
+            return sample(self.model, self.tokenizer, queries, self.space, temperature, self.generator, self.tool)
 
     # ----------------------------------------------------------------- checkpoints
     @property
@@ -289,8 +342,16 @@ class Trainer:
         return done[-1] if done else None
 
     def save_checkpoint(self) -> Path:
-        """Write a checkpoint to a temporary folder, then rename it into place (atomic)."""
+        """Write a checkpoint to a temporary folder, then rename it into place (atomic). Rank 0 writes it,
+        with every rank's own state (``rank_state``); the other ranks wait until it is in place."""
+        ranks = self.ranks.gather(self.rank_state())
         final = self.checkpoint_root / f"step-{self.step:07d}"
+        if self.ranks.writes:
+            self._write_checkpoint(final, ranks)
+        self.ranks.wait()
+        return final
+
+    def _write_checkpoint(self, final: Path, ranks: list[dict]) -> None:
         tmp = self.checkpoint_root / f".tmp-step-{self.step:07d}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
@@ -304,9 +365,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "extra": self.extra_state(),
-            "generator": self.generator.get_state(),
-            "torch_rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "ranks": ranks,
         }
         torch.save(state, tmp / "trainer_state.pt")
         if final.exists():
@@ -315,7 +374,6 @@ class Trainer:
         old = sorted(p for p in self.checkpoint_root.glob("step-*"))[: -self.config.keep_checkpoints]
         for path in old:
             shutil.rmtree(path, ignore_errors=True)
-        return final
 
     def load_latest_checkpoint(self) -> bool:
         path = self.latest_checkpoint()
@@ -339,10 +397,10 @@ class Trainer:
                              "another gfnlm version or configuration: start a fresh run") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.load_extra_state(state["extra"])
-        self.generator.set_state(state["generator"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        if len(state["ranks"]) != self.ranks.world:
+            raise ValueError(f"checkpoint {path} was written by {len(state['ranks'])} processes; resume it with as many "
+                             f"(this run has {self.ranks.world}): each process continues its own random stream and buffer")
+        self.load_rank_state(state["ranks"][self.ranks.rank])
         logger.info("resumed from %s (step %d)", path, self.step)
         return True
 
@@ -395,6 +453,9 @@ class GFlowNetTrainer(Trainer):
         if config is not None and config.loss == "db" and space.min_len > 0:
             raise ValueError("detailed balance needs every state to be terminable; use loss subtb or tb with min_len > 0")
         super().__init__(model, tokenizer, space, config, tool, output_dir)
+        if self.ranks.world > len(queries):
+            raise ValueError(f"{self.ranks.world} processes need at least as many training queries, got {len(queries)}: "
+                             "each process draws its own")
         self.reward = reward
         self.queries = list(queries)
         self.query_index = {q.key: i for i, q in enumerate(self.queries)}
@@ -414,14 +475,22 @@ class GFlowNetTrainer(Trainer):
         return [group] if self.learns_log_z else []
 
     def extra_state(self) -> dict:
-        return {"buffer": self.buffer.state_dict(), "log_z": self.log_z.as_tensor().cpu(),
-                "log_z_ready": self.log_z_ready.cpu()}
+        return {"log_z": self.log_z.as_tensor().cpu(), "log_z_ready": self.log_z_ready.cpu()}
 
     def load_extra_state(self, state: dict) -> None:
-        self.buffer.load_state_dict(state["buffer"])
         self.log_z.load_(state["log_z"])
-        ready = state.get("log_z_ready", torch.ones_like(self.log_z_ready))  # older checkpoints: already learning
-        self.log_z_ready.copy_(ready.to(self.device))
+        self.log_z_ready.copy_(state["log_z_ready"].to(self.device))
+
+    def rank_state(self) -> dict:
+        return {**super().rank_state(), "buffer": self.buffer.state_dict()}  # each rank replays its own samples
+
+    def load_rank_state(self, state: dict) -> None:
+        super().load_rank_state(state)
+        self.buffer.load_state_dict(state["buffer"])
+
+    def sync_gradients(self) -> None:
+        if self.learns_log_z:
+            self.ranks.sum_sparse_grads(list(self.log_z.parameters()))
 
     @property
     def estimates_log_z(self) -> bool:
@@ -446,18 +515,20 @@ class GFlowNetTrainer(Trainer):
         log-reward -52 -> -653 in 32 steps at lr 5e-4). The estimate is exact once the policy matches the
         target; on-policy it is a lower bound, useless when nearly every first sample gets the floor.
         Off-policy it is no estimate at all, so a query's first micro-batch is always drawn from the
-        untempered policy (``draw_micro_batch``). Estimated from replayed worked rationales, which
+        untempered policy (``draw_micro_batch``). With several ranks, a query first seen by several gets
+        the lowest rank's estimate on all, as one process would have taken the first micro-batch's.
+        Estimated from replayed worked rationales, which
         the policy gives log q near -16 but the reward log R near -7, log Z started at up to +10,
         above its bound log p(X | demonstrations) < 0 (measured: SmolLM2 on arithmetic, half the
         queries in a 21-step run); every sampled rationale then looked too likely.
         """
         new = ~self.log_z_ready[index]  # [B]
-        if not bool(new.any()):
-            return
-        estimate = log_r_end - log_q  # [B]
+        estimates = torch.full((len(self.queries),), math.nan, device=self.device)  # [Q]
         for query in index[new].unique().tolist():
-            rows = index == query
-            self.log_z.set_(query, estimate[rows].mean())
+            estimates[query] = (log_r_end - log_q)[index == query].mean()
+        estimates = self.ranks.first_estimates(estimates)  # every rank sets what the lowest rank estimated
+        for query in (~torch.isnan(estimates)).nonzero().flatten().tolist():
+            self.log_z.set_(query, estimates[query])
             self.log_z_ready[query] = True
 
     # ----------------------------------------------------------------- schedules
@@ -557,7 +628,7 @@ class GFlowNetTrainer(Trainer):
     def loss(self, batch: MicroBatch, reward_temperature: float) -> Tensor:
         """Step 4-5: the GFlowNet objective on one micro-batch (with gradients)."""
         traj = batch.traj
-        log_pf, log_pterm = score_policy(self.model, traj, self.space)
+        log_pf, log_pterm = self.score(traj)
         log_r = batch.log_r.to(log_pf.device) / reward_temperature
         lengths = traj.lengths
         index = torch.tensor([self.query_index[q.key] for q in traj.queries], device=self.device)
@@ -580,22 +651,23 @@ class GFlowNetTrainer(Trainer):
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
         losses, terminal, lengths, n_samples, finite = [], [], [], 0, True
-        for _ in range(c.grad_accum):
-            batch = self.draw_micro_batch()
-            loss = self.loss(batch, reward_temperature)
-            if not torch.isfinite(loss):
-                finite = False
-                losses.append(loss.item())
-                break
-            (loss / c.grad_accum).backward()
+        for k in range(c.grad_accum):
+            with self.ranks.no_sync(self.scorer, skip=k < c.grad_accum - 1), self.accelerator.autocast():
+                batch = self.draw_micro_batch()
+                loss = self.loss(batch, reward_temperature)
+                ok = bool(torch.isfinite(loss))
+                self.backward((loss if ok else self.zero_loss()) / c.grad_accum)
             losses.append(loss.item())
+            if not ok:  # its update is skipped (apply_gradients); the other micro-batches still run on every rank
+                finite = False
+                continue
             log_r_end = terminal_values(batch.log_r, batch.traj)
             self.update_buffer(batch, log_r_end)
             terminal.append(log_r_end.cpu())
             lengths.append(batch.traj.lengths.float().cpu())
             n_samples += len(batch.traj)
 
-        updated, grad_norm = self.apply_gradients() if finite else (False, float("nan"))
+        updated, grad_norm = self.apply_gradients(finite)
         terminal_r = torch.cat(terminal) if terminal else torch.zeros(1)
         metrics = {
             "loss": sum(losses) / len(losses),

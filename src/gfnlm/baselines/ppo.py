@@ -73,6 +73,8 @@ class PPOTrainer(Trainer):
     def __init__(self, model, tokenizer, reward: Reward, queries: Sequence[Query], space: ActionSpace,
                  config: TrainConfig | None = None, ppo: PPOConfig | None = None, tool=None, output_dir=None):
         super().__init__(model, tokenizer, space, config, tool, output_dir)
+        if self.ranks.world > 1:
+            raise ConfigError("the PPO baseline runs in one process: launch it without accelerate (gfnlm train)")
         self.ppo = ppo or PPOConfig()
         self.ppo.validate()
         self.reward, self.queries = reward, list(queries)

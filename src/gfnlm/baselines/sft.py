@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import torch
 
 from gfnlm.config import TrainConfig
-from gfnlm.scoring import score_policy, terminal_log_prob
+from gfnlm.scoring import terminal_log_prob
 from gfnlm.trainer import Trainer
 from gfnlm.trajectories import ActionSpace, TrajectoryRecord, Trajectories
 
@@ -34,15 +34,16 @@ class SFTTrainer(Trainer):
         start = time.perf_counter()
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        losses, n_samples = [], 0
-        for _ in range(c.grad_accum):
+        losses, n_samples, finite = [], 0, True
+        for k in range(c.grad_accum):
             records = list(self.draw_examples(c.queries_per_step * c.samples_per_query, self.generator))
             traj = Trajectories.from_records(records, self.pad_id, self.device)
-            log_q = terminal_log_prob(*score_policy(self.model, traj, self.space), traj.lengths)
-            loss = -log_q.mean()
-            (loss / c.grad_accum).backward()
+            with self.ranks.no_sync(self.scorer, skip=k < c.grad_accum - 1), self.accelerator.autocast():
+                loss = -terminal_log_prob(*self.score(traj), traj.lengths).mean()
+                ok = bool(torch.isfinite(loss))
+                self.backward((loss if ok else self.zero_loss()) / c.grad_accum)
+            finite &= ok
             losses.append(loss.item())
             n_samples += len(records)
-        finite = all(map(torch.isfinite, map(torch.tensor, losses)))
-        updated, grad_norm = self.apply_gradients() if finite else (False, float("nan"))
+        updated, grad_norm = self.apply_gradients(finite)
         return self.finish_step({"loss": sum(losses) / len(losses), "grad_norm": grad_norm}, updated, n_samples, start)
