@@ -10,6 +10,7 @@ prints a Markdown table and, with --doc, replaces the lines between ``<!-- resul
                   ``arithmetic OUT``, ``subjectivity OUT``: the paper's tables from the experiment scripts' output)
     TASK:NAME     another of the task's tables (``--list`` shows them all, with what they read)
     bench FILE... ``gfnlm bench --output`` files, one row each
+    bench:processes FILE...  ``gfnlm bench --processes N --output`` files: data-parallel scaling
     summary       the README's results table: each task's headline row, read from the generated tables
                   of docs/experiments/ (``summary --doc README.md --section summary``; no PATH)
 
@@ -23,6 +24,7 @@ import argparse
 from pathlib import Path
 
 from gfnlm.bench import results_table as bench_table
+from gfnlm.bench import scaling_table
 from gfnlm.report import ResultsTable, replace_section, summary_table
 from gfnlm.tasks import TASKS, get_task
 
@@ -39,7 +41,8 @@ def task_table(name: str) -> ResultsTable:
 
 
 def list_tables() -> str:
-    lines = ["bench: gfnlm bench --output files, one row each", "summary: the README's results table"]
+    lines = ["bench: gfnlm bench --output files, one row each", "bench:processes: gfnlm bench --processes N files",
+             "summary: the README's results table"]
     for task_name, task in TASKS.items():
         lines += [f"{task_name}{':' + k if k else ''}: {t.help}" for k, t in task.results_tables().items()]
     return "\n".join(lines)
@@ -62,6 +65,8 @@ def main() -> None:
         content = summary_table([t.headline for t in TASKS.values() if t.headline is not None], DOCS)
     elif args.table == "bench":
         content = bench_table(args.paths)
+    elif args.table == "bench:processes":
+        content = scaling_table(args.paths)
     else:
         table = task_table(args.table)
         content = table.build(args.paths)

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gfnlm.config import ConfigError, TrainConfig
+from gfnlm.config import ConfigError, TrainConfig, apply_settings
 from gfnlm.distributed import cpu_supports_bf16, make_accelerator
 from gfnlm.trainer import TIMING_KEYS, read_logged_metrics
 
@@ -104,7 +104,25 @@ def test_mixed_precision_is_refused_where_the_device_cannot_run_it():
         with pytest.raises(ConfigError, match="this CPU has no native bfloat16"):
             make_accelerator(TrainConfig(mixed_precision="bf16", device="cpu"), cpu)
     with pytest.raises(ConfigError, match=r"mixed_precision must be one of \['no', 'bf16', 'fp16'\]"):
-        TrainConfig(mixed_precision="fp8").validate()
+        apply_settings([TrainConfig()], {"mixed_precision": "fp8"})  # --mixed_precision fp8
+    with pytest.raises(ConfigError, match="must be no, bf16 or fp16, got 'fp8'"):
+        make_accelerator(TrainConfig(mixed_precision="fp8", device="cpu"), cpu)
+
+
+def test_the_launchers_precision_applies_unless_the_run_sets_its_own(monkeypatch):
+    cpu = torch.device("cpu")
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what accelerate launch --mixed_precision fp16 sets
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
+        make_accelerator(TrainConfig(device="cpu"), cpu)
+    assert make_accelerator(TrainConfig(mixed_precision="no", device="cpu"), cpu).mixed_precision == "no"
+
+
+@pytest.mark.parametrize("name", ["multi-gpu", "multi-node", "fsdp"])
+def test_the_example_accelerate_configs_load(name):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(Path(__file__).parents[1] / "examples" / "accelerate" / f"{name}.yaml"))
+    assert config.num_processes >= 2 and config.mixed_precision == "bf16"
 
 
 def test_the_command_line_trains_on_two_processes_and_rank_0_alone_writes(tmp_path):

@@ -62,6 +62,10 @@ class BenchSettings:
     seed: int = setting(0, "Seed of the sampled trajectories.")
     output: str | None = setting(None, "Write every figure to this JSON file.")
     profile_ops: int = setting(0, "Also print the N operators that take most of one of our steps (torch.profiler).")
+    processes: int = setting(
+        0, "Instead: the data-parallel throughput of N processes against 1, on the CPU, one thread each (real "
+           "training steps through torchrun; samples/s of the whole job, median after the first step).")
+    process_steps: int = setting(4, "Training steps of each run of the --processes comparison.")
 
 
 @dataclass
@@ -302,6 +306,8 @@ def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the benchmark
 def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> dict:
+    if settings.processes:
+        return run_process_scaling(settings, echo)
     from gfnlm.models import load_model_and_tokenizer
     from gfnlm.tasks import get_task
     from gfnlm.trainer import resolve_device
@@ -437,3 +443,83 @@ def results_table(files: list[Path]) -> str:
                      f"{ref['peak_memory_mb']:.0f}" if ref else "-", f"{r['memory_ratio']:.2f}" if ref else "-",
                      f"{ours['sampling_tokens_per_s']:.0f}", f"{ours['reward_prefixes_per_s']:.0f}", f"{100 * share:.0f}%"])
     return markdown_table(header, rows)
+
+
+# ----------------------------------------------------------------------------- data-parallel scaling
+def run_process_scaling(settings: BenchSettings, echo: Callable[[str], None] = print) -> dict:
+    """Samples/s of the GFlowNet step on 1 and ``processes`` CPU processes (one thread each), and the
+    scaling efficiency: throughput(N) / (N x throughput(1)). Each run is real training (``scaling_worker``)
+    launched by torchrun; its metrics.jsonl holds the job's samples/s, reduced over the ranks."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    import tempfile
+
+    from gfnlm.trainer import read_logged_metrics
+
+    s = settings
+    results: dict = {"settings": asdict(s), "device": f"CPU, {s.processes} processes x 1 thread", "runs": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in sorted({1, s.processes}):
+            with socket.socket() as probe:
+                probe.bind(("127.0.0.1", 0))
+                port = str(probe.getsockname()[1])
+            out = Path(tmp) / f"processes-{n}"
+            echo(f"training {s.process_steps} steps on {n} process(es) ...")
+            command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(n), "--master_port", port,
+                       "-m", "gfnlm.bench", json.dumps(asdict(s)), str(out)]
+            done = subprocess.run(command, capture_output=True, text=True,
+                                  env=os.environ | {"OMP_NUM_THREADS": "1", "GLOO_SOCKET_IFNAME": "lo"})
+            if done.returncode != 0:
+                raise RuntimeError(f"the {n}-process run failed:\n{done.stderr[-2000:]}")
+            rows = read_logged_metrics(out)
+            rate = statistics.median(r["samples_per_s"] for r in rows[1:] or rows)
+            results["runs"][str(n)] = {"samples_per_s": rate, "step_s": statistics.median(r["step_time_s"] for r in rows)}
+            echo(f"  {n} process(es): {rate:.2f} samples/s")
+    one, many = results["runs"]["1"]["samples_per_s"], results["runs"][str(s.processes)]["samples_per_s"]
+    results["scaling_efficiency"] = many / (s.processes * one)
+    echo(f"{s.processes} processes: {many / one:.2f}x the samples/s of one, scaling efficiency "
+         f"{100 * results['scaling_efficiency']:.0f}%")
+    if s.output:
+        Path(s.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(s.output).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def scaling_worker(settings: BenchSettings, out: Path) -> None:
+    """One rank of ``run_process_scaling``: GFlowNet training steps of the bench's task, no evaluation."""
+    from gfnlm.models import load_model_and_tokenizer
+    from gfnlm.tasks import get_task
+
+    s = settings
+    model, tokenizer = load_model_and_tokenizer(s.model)
+    task_cls = get_task(s.task)
+    task = task_cls(task_cls.Options(max_len=s.max_len), tokenizer)
+    config = TrainConfig(steps=s.process_steps, queries_per_step=s.queries, samples_per_query=s.samples,
+                         lora_rank=s.lora_rank, lora_alpha=2 * s.lora_rank, device="cpu", progress=False, seed=s.seed,
+                         save_every=10**6)
+    trainer = GFlowNetTrainer(model, tokenizer, task.reward(model), task.train_queries(), task.action_space(), config,
+                              task.tool(), output_dir=out)
+    trainer.train()
+
+
+def scaling_table(files: list[Path]) -> str:
+    """One row per ``gfnlm bench --processes N --output`` file: samples/s of 1 and N processes, efficiency."""
+    from gfnlm.report import markdown_table
+
+    rows = []
+    for path in files:
+        r = json.loads(Path(path).read_text())
+        n, st = r["settings"]["processes"], r["settings"]
+        rows.append([f"{st['task']}, {st['queries']} x {st['samples']} a process", str(n),
+                     f"{r['runs']['1']['samples_per_s']:.2f}", f"{r['runs'][str(n)]['samples_per_s']:.2f}",
+                     f"{100 * r['scaling_efficiency']:.0f}%"])
+    return markdown_table(["step (queries x samples)", "processes N", "samples/s, 1 process", "samples/s, N processes",
+                           "scaling efficiency"], rows)
+
+
+if __name__ == "__main__":  # a rank of run_process_scaling, started by torchrun
+    import sys
+
+    scaling_worker(BenchSettings(**json.loads(sys.argv[1])), Path(sys.argv[2]))

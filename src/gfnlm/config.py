@@ -91,9 +91,10 @@ class TrainConfig:
     max_nan_steps: int = setting(5, "Stop after this many consecutive non-finite losses (each one skips its update).")
     device: str = setting("auto", "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ... (under accelerate launch "
                                   "each process takes the device it is given; 'cpu' keeps them all on the CPU)")
-    mixed_precision: Literal["no", "bf16", "fp16"] = setting(
-        "no", "Autocast sampling, scoring and rewards in bf16 or fp16 (CUDA; bf16 also on a CPU with native bfloat16); "
-              "the losses and log Z stay float32. Refused where the device cannot run it.")
+    mixed_precision: Literal["no", "bf16", "fp16"] | None = setting(
+        None, "Autocast sampling, scoring and rewards in bf16 or fp16 (CUDA; bf16 also on a CPU with native bfloat16); "
+              "the losses and log Z stay float32. Refused where the device cannot run it. Default: the launcher's "
+              "(accelerate config), else no.")
     dist_timeout_s: float = setting(
         600.0, "With several processes: how long one waits for the others in a collective before it stops with an "
                "error (a crashed rank must not leave the rest waiting forever).")

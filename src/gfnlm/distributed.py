@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 from datetime import timedelta
 from typing import Any
 
@@ -37,15 +38,21 @@ def cpu_supports_bf16() -> bool:
     return any(check() for check in checks if check is not None)
 
 
-def check_mixed_precision(config: TrainConfig, device: torch.device) -> None:
-    """Refuse a precision the device cannot run, rather than run float32 while claiming otherwise."""
-    if config.mixed_precision == "fp16" and device.type != "cuda":
+def mixed_precision(config: TrainConfig, device: torch.device) -> str:
+    """The run's precision: ``mixed_precision``, else the launcher's (``accelerate launch`` / its config file sets
+    ACCELERATE_MIXED_PRECISION), else "no". A precision the device cannot run is refused, rather than a
+    float32 run that claims otherwise."""
+    precision = config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if precision == "fp16" and device.type != "cuda":
         raise ConfigError("--mixed_precision fp16 needs a CUDA device; on the CPU use no (or bf16 where supported)")
-    if config.mixed_precision == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
+    if precision == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
         raise ConfigError("--mixed_precision bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX); "
                           "use --mixed_precision no")
-    if config.mixed_precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ConfigError("--mixed_precision bf16: this GPU does not support bfloat16; use fp16 or no")
+    if precision not in ("no", "bf16", "fp16"):
+        raise ConfigError(f"mixed precision must be no, bf16 or fp16, got {precision!r}")
+    return precision
 
 
 def make_accelerator(config: TrainConfig, device: torch.device):
@@ -57,9 +64,9 @@ def make_accelerator(config: TrainConfig, device: torch.device):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
-    check_mixed_precision(config, device)
+    precision = mixed_precision(config, device)
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.dist_timeout_s))
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=config.mixed_precision, device_placement=False,
+    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision, device_placement=False,
                        kwargs_handlers=[timeout])
 
 
