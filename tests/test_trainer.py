@@ -287,3 +287,18 @@ def test_logged_training_minutes_sums_step_times_across_resumes(tmp_path):
     (tmp_path / "metrics.jsonl").write_text("".join(
         json.dumps({"step": s, "step_time_s": t}) + "\n" for s, t in ((1, 30.0), (2, 45.0), (3, 15.0))))
     assert logged_training_minutes(read_logged_metrics(tmp_path)) == pytest.approx(1.5)
+
+
+def test_a_checkpoint_of_the_format_before_one_state_per_rank_still_resumes(tokenizer, tmp_path):
+    whole = make_trainer(tokenizer, tmp_path / "whole", loss="subtb", log_z_init="estimate")
+    whole.train()
+    part = make_trainer(tokenizer, tmp_path / "part", steps=4, loss="subtb", log_z_init="estimate")
+    part.train()
+    path = part.latest_checkpoint() / "trainer_state.pt"
+    state = torch.load(path, weights_only=True)
+    (rank,) = state.pop("ranks")  # the old layout: the random states at the top, the buffer among the extras
+    state["extra"]["buffer"] = rank.pop("buffer")
+    torch.save(state | rank, path)
+    resumed = make_trainer(tokenizer, tmp_path / "part", loss="subtb", log_z_init="estimate")
+    resumed.train(resume=True)
+    assert read_metrics(tmp_path / "part") == read_metrics(tmp_path / "whole")

@@ -397,6 +397,9 @@ class Trainer:
                              "another gfnlm version or configuration: start a fresh run") from None
         self.scheduler.load_state_dict(state["scheduler"])
         self.load_extra_state(state["extra"])
+        if "ranks" not in state:  # written before checkpoints held one state per rank: one process's
+            state["ranks"] = [{key: state[key] for key in ("generator", "torch_rng", "cuda_rng")}
+                              | ({"buffer": state["extra"]["buffer"]} if "buffer" in state["extra"] else {})]
         if len(state["ranks"]) != self.ranks.world:
             raise ValueError(f"checkpoint {path} was written by {len(state['ranks'])} processes; resume it with as many "
                              f"(this run has {self.ranks.world}): each process continues its own random stream and buffer")
