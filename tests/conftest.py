@@ -55,6 +55,13 @@ def make_tiny_lm(seed: int = 0, vocab_size: int = len(TINY_VOCAB), hidden: int =
     return model.eval()
 
 
+def save_tiny_model(folder, tokenizer, seed: int = 2):
+    """A tiny random LM for ``tokenizer`` and the tokenizer, saved as a model folder (for the command line)."""
+    make_tiny_lm(vocab_size=len(tokenizer), seed=seed).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture
 def tokenizer() -> PreTrainedTokenizerFast:
     return make_char_tokenizer()

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_char_tokenizer, make_tiny_lm
+from conftest import make_char_tokenizer, make_tiny_lm, save_tiny_model
 
 from gfnlm.cli import main
 from gfnlm.data import read_lines
@@ -140,10 +140,7 @@ def _write(path: Path, text: str) -> Path:
 
 @pytest.fixture
 def model_dir(tmp_path, tokenizer) -> Path:
-    folder = tmp_path / "tiny-model"
-    make_tiny_lm(vocab_size=len(tokenizer), seed=2).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path / "tiny-model", tokenizer)
 
 
 def test_cli_trains_a_gflownet_and_evaluates_it_and_a_baseline(model_dir, prompts_file, tmp_path, capsys):

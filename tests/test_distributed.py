@@ -126,12 +126,9 @@ def test_the_example_accelerate_configs_load(name):
 
 
 def test_the_command_line_trains_on_two_processes_and_rank_0_alone_writes(tmp_path):
-    from conftest import make_char_tokenizer, make_tiny_lm
+    from conftest import make_char_tokenizer, save_tiny_model
 
-    tokenizer = make_char_tokenizer("ab .")
-    model_dir = tmp_path / "tiny"
-    make_tiny_lm(vocab_size=len(tokenizer), seed=2).save_pretrained(model_dir)
-    tokenizer.save_pretrained(model_dir)
+    model_dir = save_tiny_model(tmp_path / "tiny", make_char_tokenizer("ab ."))
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("ab ba.\nb a.\naa b.\nba ab.\na b a.\n")
     run = tmp_path / "run"

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_char_tokenizer, make_tiny_lm
+from conftest import make_char_tokenizer, make_tiny_lm, save_tiny_model
 
 from gfnlm.cli import main
 from gfnlm.metrics import BertScore, bleu4, gleu4, sacrebleu4
@@ -122,10 +122,7 @@ def test_bleu_gleu_and_bertscore_on_hand_made_pairs(stories_file, tokenizer):
 
 @pytest.fixture
 def model_dir(tmp_path, tokenizer) -> Path:
-    folder = tmp_path / "tiny-model"
-    make_tiny_lm(vocab_size=len(tokenizer), seed=2).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_model(tmp_path / "tiny-model", tokenizer)
 
 
 def test_every_method_trains_or_evaluates_through_the_cli(model_dir, stories_file, tmp_path, capsys):
