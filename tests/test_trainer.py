@@ -8,8 +8,8 @@ from conftest import make_tiny_lm
 from test_exactness import ALLOWED, QUERY, STOP, TableReward
 
 from gfnlm.config import TrainConfig
+from gfnlm.modes import eval_mode
 from gfnlm.rewards import RewardError
-from gfnlm.sampling import eval_mode
 from gfnlm.scoring import score_policy, terminal_log_prob
 from gfnlm.trainer import TIMING_KEYS, GFlowNetTrainer, TrainingDiverged, logged_training_minutes, read_logged_metrics
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories

@@ -31,9 +31,10 @@ import torch
 from gfnlm.config import TrainConfig, setting
 from gfnlm.decoding import TokenCounter
 from gfnlm.losses import modified_subtb_loss
+from gfnlm.modes import adapter_disabled, eval_mode
 from gfnlm.reference import per_prefix_suffix_rewards, sample_with_grad
-from gfnlm.rewards import LMSuffixReward, adapter_disabled
-from gfnlm.sampling import encode_prompts, eval_mode, sample
+from gfnlm.rewards import LMSuffixReward
+from gfnlm.sampling import encode_prompts, sample
 from gfnlm.trainer import GFlowNetTrainer, MicroBatch
 from gfnlm.trajectories import Query
 

@@ -16,8 +16,7 @@ import torch
 from torch import Tensor
 from transformers import DynamicCache
 
-from gfnlm.rewards import adapter_disabled
-from gfnlm.sampling import eval_mode
+from gfnlm.modes import adapter_disabled, eval_mode
 
 
 class SharedContext:

@@ -24,7 +24,8 @@ from typing import Literal, Sequence, get_args
 import torch
 from torch import Tensor
 
-from gfnlm.sampling import encode_prompts, eval_mode, require_pad_token, sample
+from gfnlm.modes import eval_mode
+from gfnlm.sampling import encode_prompts, require_pad_token, sample
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
 RuleName = Literal["policy", "sample", "tempered", "nucleus", "top-k", "greedy", "beam", "diverse-beam"]

@@ -16,7 +16,8 @@ from typing import Callable, Hashable
 
 import torch
 
-from gfnlm.sampling import encode_prompts, eval_mode, require_pad_token
+from gfnlm.modes import eval_mode
+from gfnlm.sampling import encode_prompts, require_pad_token
 from gfnlm.scoring import final_state_log_probs
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 

@@ -18,7 +18,6 @@ passed in), and score every prefix of every trajectory in ONE forward pass:
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import TYPE_CHECKING, Callable, Protocol, Sequence
 
@@ -26,7 +25,7 @@ import torch
 from torch import Tensor
 
 from gfnlm.losses import state_mask
-from gfnlm.sampling import eval_mode
+from gfnlm.modes import adapter_disabled, eval_mode
 from gfnlm.scoring import head_log_probs, score_policy, shared_prompt_hidden, split_model
 from gfnlm.trajectories import ActionSpace, Query, Trajectories
 
@@ -70,32 +69,6 @@ def compute_log_rewards(reward: Reward, traj: Trajectories) -> Tensor:
 def terminal_values(per_state: Tensor, traj: Trajectories) -> Tensor:
     """Each trajectory's entry at its terminal state, from per-state values such as log R [B, T+1]: [B]."""
     return per_state.gather(1, traj.lengths[:, None].to(per_state.device)).squeeze(1)
-
-
-@contextlib.contextmanager
-def adapter_disabled(model):
-    """Context in which ``model`` runs as its base model, with every adapter layer inside it off.
-
-    ``model`` may be the peft wrapper or the plain model under it. peft injects its LoRA layers
-    into the plain model in place, so a reward built before the trainer applies LoRA (the usual
-    order) holds a model whose layers are the policy's. Switching off only a wrapper's adapter
-    would then let the reward follow the policy it trains: the policy raises its own reward
-    instead of matching the base model's. No-op for a model without adapters.
-    """
-    if hasattr(model, "disable_adapter"):  # the peft wrapper
-        with model.disable_adapter():
-            yield
-        return
-    from peft.tuners.tuners_utils import BaseTunerLayer
-
-    layers = [m for m in model.modules() if isinstance(m, BaseTunerLayer) and not m.disable_adapters]
-    for layer in layers:
-        layer.enable_adapters(False)
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.enable_adapters(True)
 
 
 def _packed_suffix_inputs(traj: Trajectories, suffix_ids: Sequence[Sequence[int]], pad_id: int, dtype: torch.dtype):

@@ -10,12 +10,12 @@ positions it would see alone.
 
 from __future__ import annotations
 
-import contextlib
-from typing import TYPE_CHECKING, Callable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from gfnlm.modes import eval_mode
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
 if TYPE_CHECKING:
@@ -48,17 +48,6 @@ def require_pad_token(tokenizer) -> int:
             "tokenizer.pad_token = tokenizer.eos_token (padding is always masked out)"
         )
     return int(tokenizer.pad_token_id)
-
-
-@contextlib.contextmanager
-def eval_mode(model) -> Iterator[None]:
-    """Dropout (LoRA's included) off for the block; the model's previous mode restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        model.train(was_training)
 
 
 def encode_prompts(tokenizer, queries: Sequence[Query]) -> list[list[int]]:

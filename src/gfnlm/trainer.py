@@ -41,8 +41,9 @@ from gfnlm.buffer import ReplayBuffer
 from gfnlm.config import TrainConfig
 from gfnlm.distributed import RANK_SEED_STRIDE, PolicyScorer, Ranks, make_accelerator, reduce_metrics
 from gfnlm.losses import detailed_balance_loss, modified_subtb_loss, trajectory_balance_loss
-from gfnlm.rewards import Reward, adapter_disabled, compute_log_rewards, terminal_values
-from gfnlm.sampling import ToolHook, eval_mode, require_pad_token, sample, text_records
+from gfnlm.modes import adapter_disabled, eval_mode
+from gfnlm.rewards import Reward, compute_log_rewards, terminal_values
+from gfnlm.sampling import ToolHook, require_pad_token, sample, text_records
 from gfnlm.scoring import score_policy, terminal_log_prob
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 

@@ -18,7 +18,8 @@ from torch import Tensor
 
 from gfnlm.config import ConfigError, TrainConfig, setting
 from gfnlm.losses import state_mask
-from gfnlm.rewards import Reward, adapter_disabled, compute_log_rewards, terminal_values
+from gfnlm.modes import adapter_disabled
+from gfnlm.rewards import Reward, compute_log_rewards, terminal_values
 from gfnlm.sampling import sample
 from gfnlm.scoring import action_log_probs, score_policy, state_hidden
 from gfnlm.trainer import Trainer

@@ -35,9 +35,10 @@ from gfnlm.config import setting
 from gfnlm.context import SharedContext, prompting_context
 from gfnlm.data import read_rows, row_name
 from gfnlm.exact import token_strings
+from gfnlm.modes import adapter_disabled
 from gfnlm.report import Headline, Pick, ResultsTable, markdown_table, mean_std, one_folder
 from gfnlm.models import stop_token_ids
-from gfnlm.rewards import LMSuffixReward, adapter_disabled
+from gfnlm.rewards import LMSuffixReward
 from gfnlm.sampling import encode_prompts, sample, take_action
 from gfnlm.tasks.base import Task, TaskOptions, likelihood_weight_setting
 from gfnlm.tools import CalculatorTool, fill_in_results, last_tool_result

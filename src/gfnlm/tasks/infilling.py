@@ -59,15 +59,15 @@ from gfnlm.config import ConfigError, TrainConfig, setting
 from gfnlm.data import read_rows, row_name
 from gfnlm.metrics import BertScore, bleu4, gleu4, sacrebleu4
 from gfnlm.models import load_adapter, stop_token_ids
+from gfnlm.modes import adapter_disabled, eval_mode
 from gfnlm.report import ResultsTable, markdown_table, read_eval
 from gfnlm.rewards import (
     LMSuffixReward,
-    adapter_disabled,
     lm_continuation_log_likelihoods,
     policy_prefix_log_likelihoods,
     terminal_values,
 )
-from gfnlm.sampling import encode_prompts, eval_mode, sample, text_records
+from gfnlm.sampling import encode_prompts, sample, text_records
 from gfnlm.sentence import SENTENCE_END, allowed_tokens
 from gfnlm.tasks.base import Task, TaskOptions
 from gfnlm.trainer import Trainer, logged_training_minutes, read_logged_metrics

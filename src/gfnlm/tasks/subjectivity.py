@@ -51,13 +51,10 @@ from gfnlm.config import ConfigError, TrainConfig, setting
 from gfnlm.context import SharedContext, prompting_context
 from gfnlm.data import read_rows, row_name
 from gfnlm.exact import token_strings
+from gfnlm.modes import adapter_disabled, eval_mode
 from gfnlm.report import Headline, Pick, ResultsTable, markdown_table, mean_std, one_folder
-from gfnlm.rewards import (
-    LMSuffixReward,
-    adapter_disabled,
-    lm_continuation_log_likelihoods,
-)
-from gfnlm.sampling import encode_prompts, eval_mode, require_pad_token, sample
+from gfnlm.rewards import LMSuffixReward, lm_continuation_log_likelihoods
+from gfnlm.sampling import encode_prompts, require_pad_token, sample
 from gfnlm.tasks.base import Task, TaskOptions, likelihood_weight_setting
 from gfnlm.trainer import Trainer
 from gfnlm.trajectories import ActionSpace, Query, Trajectories, TrajectoryRecord
