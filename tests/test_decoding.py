@@ -129,3 +129,19 @@ def test_an_unknown_rule_is_refused():
         DecodingRule("top-p")
     assert math.isfinite(DecodingRule("beam", beam_factor=5).beam_factor)
     assert DecodingRule("diverse-beam", beam_factor=5).label == "diverse-beam penalty=1 x5"
+
+
+def test_several_stop_tokens_are_one_way_to_stop_for_the_searches(setup):
+    model, tokenizer, space, ids = setup
+    two_stops = ActionSpace(stop_token_ids=(ids["."], ids["a"]), max_len=3, min_len=1, allowed_token_ids=(ids["b"],))
+    from gfnlm.decoding import search_log_probs
+
+    logits = torch.randn(2, len(tokenizer))
+    merged = search_log_probs(two_stops, logits, torch.tensor([1, 1]))
+    policy = two_stops.policy_log_probs(logits, torch.tensor([1, 1]))
+    torch.testing.assert_close(merged[:, ids["."]], policy[:, [ids["."], ids["a"]]].logsumexp(-1))
+    assert torch.isinf(merged[:, ids["a"]]).all()
+    for found in (beam_search(model, tokenizer, Query("ab "), two_stops, n=3, beams=3),
+                  diverse_beam_search(model, tokenizer, Query("ab "), two_stops, n=3, groups=1, group_beams=3,
+                                      diversity_penalty=0.0)):
+        assert len({tuple(r.generated_ids) for r in found}) == 3  # b., bb., bbb.: each once, not once per stop

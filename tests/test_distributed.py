@@ -148,3 +148,14 @@ def test_the_command_line_trains_on_two_processes_and_rank_0_alone_writes(tmp_pa
     assert all(r["samples_per_s"] > 0 for r in rows)
     assert done.stdout.count("max_log_likelihood") == 1  # evaluated and printed once
     assert json.loads((run / "eval.json").read_text())["train_steps"] == 3
+
+
+def test_metrics_reduce_over_ranks():
+    from gfnlm.distributed import reduce_metrics
+
+    rows = [{"step": 3, "loss": 1.0, "log_reward_max": -2.0, "buffer_size": 10, "skipped": False, "samples_per_s": 1.0},
+            {"step": 3, "loss": 3.0, "log_reward_max": -1.0, "buffer_size": 12, "skipped": True, "samples_per_s": 9.0}]
+    out = reduce_metrics(rows, samples=[32, 32], seconds=[2.0, 4.0])
+    assert out["step"] == 3 and isinstance(out["step"], int)  # shared by every rank: kept as it is
+    assert (out["loss"], out["log_reward_max"], out["buffer_size"], out["skipped"]) == (2.0, -1.0, 22, True)
+    assert (out["samples_per_s"], out["step_time_s"]) == (16.0, 4.0)  # 64 samples over the slowest rank's 4 s

@@ -76,7 +76,7 @@ def read_lines(source: str | Path, split: str = "train", column: str = "text") -
         if lines and lines[-1] == "":
             lines.pop()  # the newline that ends the last line
     elif path.suffix == ".txt" or path.exists():
-        raise ValueError(f"text file {path} does not exist")
+        raise ValueError(f"text file {path} does not exist" if not path.exists() else f"{path} is not a file")
     else:
         rows = _load_hub_dataset(str(source), split)
         if rows and column not in rows[0]:

@@ -49,6 +49,8 @@ class DecodingRule:
             raise ValueError(f"unknown decoding rule {self.name!r}; rules: {', '.join(RULES)}")
         if self.beam_factor < 1:
             raise ValueError(f"beam_factor must be at least 1, got {self.beam_factor}")
+        if self.diversity_penalty < 0:
+            raise ValueError(f"diversity_penalty must be non-negative, got {self.diversity_penalty}")
 
     @property
     def label(self) -> str:
@@ -114,6 +116,17 @@ def _record(query: Query, prompt: list[int], tokens: list[int]) -> TrajectoryRec
     return TrajectoryRecord(query, prompt, list(tokens), [True] * len(tokens))
 
 
+def search_log_probs(space: ActionSpace, logits: Tensor, n_actions: Tensor) -> Tensor:
+    """The policy's log-probs [N, V] for a search, with stopping as one candidate: the first stop token
+    carries log q(⊤ | s), the others -inf. A vocabulary with two "." tokens (Gemma's) would otherwise
+    finish every hypothesis twice, each with half its stop probability."""
+    log_probs = space.policy_log_probs(logits, n_actions)
+    stop = space.stop_log_prob(log_probs)  # [N]
+    log_probs[:, list(space.stop_token_ids)] = float("-inf")
+    log_probs[:, space.stop_token_ids[0]] = stop
+    return log_probs
+
+
 class _ActionSpaceProcessor:
     """A transformers logits processor that turns next-token scores into ``space``'s policy log-probs."""
 
@@ -122,7 +135,7 @@ class _ActionSpaceProcessor:
 
     def __call__(self, input_ids: Tensor, scores: Tensor) -> Tensor:
         actions = torch.full((scores.shape[0],), input_ids.shape[1] - self.prompt_len, device=scores.device)
-        return self.space.policy_log_probs(scores, actions)
+        return search_log_probs(self.space, scores, actions)
 
 
 @torch.no_grad()
@@ -177,7 +190,7 @@ def diverse_beam_search(model, tokenizer, query: Query, space: ActionSpace, n: i
     with eval_mode(model):
         out = model(input_ids=torch.tensor([prompt] * beams, device=device), use_cache=True, logits_to_keep=1)
         for step in range(space.max_len + 1):
-            log_probs = space.policy_log_probs(out.logits[:, -1], torch.full((beams,), step, device=device))  # [beams, V]
+            log_probs = search_log_probs(space, out.logits[:, -1], torch.full((beams,), step, device=device))  # [beams, V]
             vocab = log_probs.shape[1]
             chosen = torch.zeros(vocab, dtype=torch.float64, device=device)  # running beams' tokens, earlier groups
             parents, next_tokens = list(range(beams)), [pad_id] * beams  # done groups idle on padding

@@ -7,8 +7,8 @@ the seed and its rank: rank 0's is the single process's), computes its rewards a
 and the policy's gradients are averaged by DDP, so one step of N processes is one step of a single
 process that accumulates the N micro-batches. Everything the processes must agree on goes through
 accelerate's collectives: the policy's gradients (DDP through ``Accelerator.prepare``), each query's
-log Z (its gradient summed over the ranks that saw it, its first estimate taken from the lowest
-rank that made one), whether a step is skipped (a non-finite loss anywhere skips it everywhere),
+log Z (its gradient averaged as DDP averages, over all ranks with zeros where a rank did not see
+the query, and left empty where none did; its first estimate taken from the lowest rank that made one), whether a step is skipped (a non-finite loss anywhere skips it everywhere),
 whether to stop (the time limit, read on rank 0), and the logged metrics (reduced over ranks).
 """
 
@@ -42,7 +42,7 @@ def mixed_precision(config: TrainConfig, device: torch.device) -> str:
     """The run's precision: ``mixed_precision``, else the launcher's (``accelerate launch`` / its config file sets
     ACCELERATE_MIXED_PRECISION), else "no". A precision the device cannot run is refused, rather than a
     float32 run that claims otherwise."""
-    precision = config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    precision = (config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")).lower()
     if precision == "fp16" and device.type != "cuda":
         raise ConfigError("--mixed_precision fp16 needs a CUDA device; on the CPU use no (or bf16 where supported)")
     if precision == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
@@ -64,7 +64,11 @@ def make_accelerator(config: TrainConfig, device: torch.device):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    from accelerate.state import AcceleratorState
+
     precision = mixed_precision(config, device)
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # one process: each trainer's own settings (device, precision),
+        AcceleratorState._reset_state(reset_partial_state=True)  # not those of an earlier trainer in this process
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.dist_timeout_s))
     return Accelerator(cpu=device.type == "cpu", mixed_precision=precision, device_placement=False,
                        kwargs_handlers=[timeout])
@@ -155,12 +159,13 @@ class Ranks:
 
 
 def reduce_metrics(per_rank: list[dict], samples: list[int], seconds: list[float]) -> dict:
-    """One step's metrics over all ranks: maxima of ``*_max``, sums of ``buffer_size``, means of the rest;
-    the job's samples/s is all ranks' samples over the slowest rank's time."""
+    """One step's metrics over all ranks: maxima of ``*_max``, sums of ``buffer_size``, means of the rest
+    (a value every rank shares, such as the step, as it is); the job's samples/s is all ranks' samples
+    over the slowest rank's time."""
     out: dict[str, Any] = {}
     for key, value in per_rank[0].items():
         values = [row[key] for row in per_rank]
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or all(v == value for v in values):
             out[key] = value if key != "skipped" else any(values)
         elif key.endswith("_max"):
             out[key] = max(values)

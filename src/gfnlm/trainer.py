@@ -61,9 +61,12 @@ class TrainingDiverged(RuntimeError):
 
 
 def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    """``name`` as a device; "auto" is CUDA where there is one. Under a launcher (``LOCAL_RANK`` set) a
+    CUDA device without an index is this process's own GPU, not GPU 0 for every process."""
+    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
+    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
+        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
+    return device
 
 
 def apply_lora(model, config: TrainConfig):
@@ -162,6 +165,8 @@ class Trainer:
         self.output_dir = Path(output_dir) if output_dir is not None else None
         torch.manual_seed(self.config.seed)  # LoRA and head initialisation: the same on every rank
         self.model = apply_lora(model, self.config).to(self.device)
+        if self.ranks.world > 1:  # then each rank its own dropout masks
+            torch.manual_seed(self.config.seed + self.ranks.rank * RANK_SEED_STRIDE)
         # the policy's scores as one module (for DDP), and the model as samplers and checkpoints see it
         self.scorer = self.accelerator.prepare(PolicyScorer(self.model, space))
         self.model = self.accelerator.unwrap_model(self.scorer).model
@@ -247,6 +252,8 @@ class Trainer:
         if math.isfinite(grad_norm):
             self.optimizer.step()
             return True, grad_norm
+        if self.accelerator.scaler is not None:  # fp16: the scaler skips this step itself and lowers its scale
+            self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         return False, grad_norm
 
@@ -483,7 +490,8 @@ class GFlowNetTrainer(Trainer):
 
     def load_extra_state(self, state: dict) -> None:
         self.log_z.load_(state["log_z"])
-        self.log_z_ready.copy_(state["log_z_ready"].to(self.device))
+        ready = state.get("log_z_ready", torch.ones_like(self.log_z_ready))  # older checkpoints: already learning
+        self.log_z_ready.copy_(ready.to(self.device))
 
     def rank_state(self) -> dict:
         return {**super().rank_state(), "buffer": self.buffer.state_dict()}  # each rank replays its own samples
@@ -656,9 +664,10 @@ class GFlowNetTrainer(Trainer):
         self.optimizer.zero_grad(set_to_none=True)
         losses, terminal, lengths, n_samples, finite = [], [], [], 0, True
         for k in range(c.grad_accum):
-            with self.ranks.no_sync(self.scorer, skip=k < c.grad_accum - 1), self.accelerator.autocast():
-                batch = self.draw_micro_batch()
-                loss = self.loss(batch, reward_temperature)
+            with self.ranks.no_sync(self.scorer, skip=k < c.grad_accum - 1):
+                with self.accelerator.autocast():
+                    batch = self.draw_micro_batch()
+                    loss = self.loss(batch, reward_temperature)
                 ok = bool(torch.isfinite(loss))
                 self.backward((loss if ok else self.zero_loss()) / c.grad_accum)
             losses.append(loss.item())

@@ -146,7 +146,7 @@ class PPOTrainer(Trainer):
             if not torch.isfinite(loss):
                 updated_all = False
                 break
-            loss.backward()
+            self.backward(loss)
             updated, grad_norm = self.apply_gradients()
             updated_all &= updated
             losses.append(loss.item())

@@ -38,8 +38,9 @@ class SFTTrainer(Trainer):
         for k in range(c.grad_accum):
             records = list(self.draw_examples(c.queries_per_step * c.samples_per_query, self.generator))
             traj = Trajectories.from_records(records, self.pad_id, self.device)
-            with self.ranks.no_sync(self.scorer, skip=k < c.grad_accum - 1), self.accelerator.autocast():
-                loss = -terminal_log_prob(*self.score(traj), traj.lengths).mean()
+            with self.ranks.no_sync(self.scorer, skip=k < c.grad_accum - 1):
+                with self.accelerator.autocast():
+                    loss = -terminal_log_prob(*self.score(traj), traj.lengths).mean()
                 ok = bool(torch.isfinite(loss))
                 self.backward((loss if ok else self.zero_loss()) / c.grad_accum)
             finite &= ok

@@ -100,6 +100,8 @@ class ContinuationTask(Task):
     def __init__(self, options: ContinuationOptions, tokenizer):
         super().__init__(options, tokenizer)
         o = options
+        if o.eval_prompts is not None and o.eval_prompts < 1:
+            raise ValueError(f"eval_prompts must be at least 1, got {o.eval_prompts}")
         if o.eval_samples < 2:
             raise ValueError(f"eval_samples must be at least 2 (diversity compares samples), got {o.eval_samples}")
         if not 0 < o.reward_temp:

@@ -148,7 +148,8 @@ class InfillingOptions(TaskOptions):
     eval_seed: int = setting(0, "Seed of the evaluation samples.")
     bertscore_model: str = setting("all-mpnet-base-v2", "BERTScore backbone: all-mpnet-base-v2 (offline), or e.g. "
                                                         "microsoft/deberta-xlarge-mnli (the paper's; needs the hub).")
-    bertscore_layer: int | None = setting(8, "Its layer (8 for MPNet; None: bert-score's default for the backbone).")
+    bertscore_layer: int | None = setting(None, "Its layer (default: 8 for all-mpnet-base-v2, bert-score's "
+                                                "MPNet-base layer; bert-score's own for the backbones it knows).")
     bertscore_baseline_pairs: int = setting(500, "Pairs of unrelated sentences that give the rescaling baseline of a "
                                                  "backbone bert-score has none for.")
 
@@ -334,15 +335,18 @@ class InfillingTask(Task):
         o = self.options
         from bert_score.utils import model2layers
 
+        from gfnlm.encoders import MPNET
+
+        layer = o.bertscore_layer if o.bertscore_layer is not None else (8 if o.bertscore_model == MPNET else None)
         if o.bertscore_model in model2layers:
-            return BertScore(o.bertscore_model, o.bertscore_layer)
+            return BertScore(o.bertscore_model, layer)
         pool = self.story_lm_stories or self.train
         rng = random.Random(0)
         pairs = []
         for _ in range(o.bertscore_baseline_pairs):
             a, b = rng.sample(range(len(pool)), 2)
             pairs.append((rng.choice(pool[a].sentences), rng.choice(pool[b].sentences)))
-        return BertScore(o.bertscore_model, o.bertscore_layer, pairs)
+        return BertScore(o.bertscore_model, layer, pairs)
 
     @torch.no_grad()
     def ending_log_likelihoods(self, model, stories: list[Story], infills: list[list[str]]) -> list[float]:
