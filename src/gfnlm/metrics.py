@@ -52,7 +52,7 @@ def embedding_diversity(embeddings) -> float:
         raise ValueError(f"diversity needs at least 2 samples, got {n}")
     similarity = embeddings @ embeddings.T  # [n, n]
     upper = similarity.triu(diagonal=1)
-    return float(1.0 - upper.sum() / (n * (n - 1) / 2))
+    return max(0.0, float(1.0 - upper.sum() / (n * (n - 1) / 2)))  # not -5e-8 for identical rows
 
 
 # ----------------------------------------------------------------------------- text similarity (infilling)

@@ -239,7 +239,7 @@ class ContinuationTask(Task):
 def metrics_table(results: list[dict]) -> str:
     header = ["method", "max log-likelihood", "diversity", "mean log-likelihood", "mean tokens", "ended by '.'",
               "distinct of N", "forward tokens / prompt", "s / prompt", "prompts"]
-    rows = [[r["label"], f"{r['max_log_likelihood']:.2f}", f"{r['diversity']:.3f}", f"{r['mean_log_likelihood']:.2f}",
+    rows = [[r["label"], f"{r['max_log_likelihood']:.2f}", f"{max(r['diversity'], 0.0):.3f}", f"{r['mean_log_likelihood']:.2f}",
              f"{r['mean_length']:.1f}", f"{r['ended_fraction']:.2f}", f"{r['distinct']:.1f} / {r['eval_samples']}",
              f"{r['forward_tokens_per_prompt']:.0f}", f"{r['seconds_per_prompt']:.1f}", str(r["n_prompts"])]
             for r in results]
