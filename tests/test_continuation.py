@@ -166,6 +166,10 @@ def test_cli_trains_a_gflownet_and_evaluates_it_and_a_baseline(model_dir, prompt
     beam = tmp_path / "beam"
     assert main(["eval", "--method", "diverse-beam", "--beam_factor", "2", "--output-dir", str(beam), *common]) == 0
     assert json.loads((beam / "eval.json").read_text())["label"] == "diverse-beam penalty=1 x2"
+    table = ContinuationTask.results_tables()[""].build([run, beam])
+    gfn_row, beam_row = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
+    assert gfn_row[0] == "GFlowNet T=0.5" and gfn_row[-1].startswith("2 x 8 / ")  # 2 steps of 2 prompts x 4
+    assert beam_row[0] == "diverse-beam penalty=1 x2" and beam_row[-1] == "-"
     assert main(["eval", "--method", "beam", "--adapter", str(run), "--output-dir", str(beam), *common]) == 2
     assert "evaluates the base model; drop --adapter" in capsys.readouterr().err
     assert main(["eval", "--method", "top-p", "--output-dir", str(beam), *common]) == 2

@@ -68,6 +68,15 @@ def runs_table(runs: list[Path], keys: Sequence[str]) -> str:
     return markdown_table(["model", *keys, "steps", "train min"], rows)
 
 
+def training_budget(run: Path) -> str:
+    """A run's training as "steps x samples / minutes", from its metrics.jsonl ("-" for an evaluation)."""
+    logged = read_logged_metrics(run)
+    if not logged:
+        return "-"
+    samples = round(statistics.median(r["samples_per_s"] * r["step_time_s"] for r in logged))
+    return f"{logged[-1]['step']} x {samples} / {logged_training_minutes(logged):.0f} min"
+
+
 def one_folder(paths: list[Path], made_by: str) -> Path:
     """The one output folder a table reads (of the script ``made_by``)."""
     if len(paths) != 1:

@@ -47,7 +47,7 @@ from gfnlm.config import setting
 from gfnlm.data import read_lines
 from gfnlm.decoding import RULES, DecodingRule, RuleName, TokenCounter, as_batch, decode
 from gfnlm.metrics import embedding_diversity
-from gfnlm.report import ResultsTable, markdown_table, read_eval
+from gfnlm.report import ResultsTable, markdown_table, read_eval, training_budget
 from gfnlm.rewards import LMStopReward, terminal_values
 from gfnlm.sentence import SENTENCE_END, allowed_tokens
 from gfnlm.tasks.base import Task, TaskOptions
@@ -229,20 +229,21 @@ class ContinuationTask(Task):
     @classmethod
     def results_tables(cls) -> dict[str, ResultsTable]:
         return {
-            "": ResultsTable(lambda runs: metrics_table([read_eval(r) for r in runs]),
+            "": ResultsTable(metrics_table,
                              "one row per evaluation folder (Fig. 3's numbers); --figure draws the Pareto plot",
                              draw=lambda runs, png: draw_pareto([read_eval(r) for r in runs], png)),
             "samples": ResultsTable(samples_table, "Table B.1: three held-out prompts, each evaluation's continuations"),
         }
 
 
-def metrics_table(results: list[dict]) -> str:
+def metrics_table(runs: list[Path]) -> str:
+    """Fig. 3's numbers: one row per evaluation folder (a GFlowNet run's, or a decoding baseline's)."""
     header = ["method", "max log-likelihood", "diversity", "mean log-likelihood", "mean tokens", "ended by '.'",
-              "distinct of N", "forward tokens / prompt", "s / prompt", "prompts"]
+              "distinct of N", "forward tokens / prompt", "s / prompt", "prompts", "training"]
     rows = [[r["label"], f"{r['max_log_likelihood']:.2f}", f"{max(r['diversity'], 0.0):.3f}", f"{r['mean_log_likelihood']:.2f}",
              f"{r['mean_length']:.1f}", f"{r['ended_fraction']:.2f}", f"{r['distinct']:.1f} / {r['eval_samples']}",
-             f"{r['forward_tokens_per_prompt']:.0f}", f"{r['seconds_per_prompt']:.1f}", str(r["n_prompts"])]
-            for r in results]
+             f"{r['forward_tokens_per_prompt']:.0f}", f"{r['seconds_per_prompt']:.1f}", str(r["n_prompts"]),
+             training_budget(run)] for run, r in ((run, read_eval(run)) for run in runs)]
     return markdown_table(header, rows)
 
 

@@ -60,7 +60,7 @@ from gfnlm.data import read_rows, row_name
 from gfnlm.metrics import BertScore, bleu4, gleu4, sacrebleu4
 from gfnlm.models import load_adapter, stop_token_ids
 from gfnlm.modes import adapter_disabled, eval_mode
-from gfnlm.report import ResultsTable, markdown_table, read_eval
+from gfnlm.report import ResultsTable, markdown_table, read_eval, training_budget
 from gfnlm.rewards import (
     LMSuffixReward,
     lm_continuation_log_likelihoods,
@@ -70,7 +70,7 @@ from gfnlm.rewards import (
 from gfnlm.sampling import encode_prompts, sample, text_records
 from gfnlm.sentence import SENTENCE_END, allowed_tokens
 from gfnlm.tasks.base import Task, TaskOptions
-from gfnlm.trainer import Trainer, logged_training_minutes, read_logged_metrics
+from gfnlm.trainer import Trainer
 from gfnlm.trajectories import ActionSpace, Query, Trajectories, TrajectoryRecord
 
 DATA_FILE = "../shared/data/stories/rocstories_cloze_val2016.csv"
@@ -385,15 +385,6 @@ class InfillingTask(Task):
                              "Table 2: one row per evaluation folder"),
             "samples": ResultsTable(samples_table, "Table C.7: three validation stories, each evaluation's infills"),
         }
-
-
-def training_budget(run: Path) -> str:
-    """A run's training as "steps x samples / minutes", from its metrics.jsonl ("-" for an evaluation)."""
-    logged = read_logged_metrics(run)
-    if not logged:
-        return "-"
-    samples = round(statistics.median(r["samples_per_s"] * r["step_time_s"] for r in logged))
-    return f"{logged[-1]['step']} x {samples} / {logged_training_minutes(logged):.0f} min"
 
 
 def metrics_table(runs: list[Path]) -> str:
