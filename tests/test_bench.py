@@ -118,3 +118,22 @@ def test_fixed_length_bench_writes_exactly_max_len_actions_and_profiles_the_step
     shares = [op["share"] for op in result["profile"]]
     assert len(shares) == 3 and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1
     assert all(op["op"].startswith("aten::") and op["calls"] >= 1 for op in result["profile"])
+
+
+def test_static_cache_trainer_samples_the_arithmetic_tasks_trajectories_with_the_calculator():
+    """TrainConfig.static_cache reaches the sampler (as bench --static_cache measures it) and changes
+    nothing that is drawn, with the calculator inserting its results."""
+    tokenizer = make_char_tokenizer(chars=CHARS)
+    task = ArithmeticTask(ArithmeticOptions(max_len=12, min_len=4, reward_shots=2), tokenizer)
+    drawn = []
+    for static_cache in (False, True):
+        config = TrainConfig(queries_per_step=2, samples_per_query=4, lora_rank=4, progress=False, seed=5,
+                             static_cache=static_cache)
+        model = make_tiny_lm(seed=1, vocab_size=len(tokenizer))
+        trainer = GFlowNetTrainer(model, tokenizer, task.reward(model), task.train_queries(), task.action_space(),
+                                  config, task.tool())
+        drawn.append(trainer.sample([q for q in trainer.queries[:2] for _ in range(4)], 1.5))
+    growing, static = drawn
+    assert (~growing.is_action & growing.attention_mask.bool())[:, growing.prompt_len:].any(), "the calculator never ran"
+    assert torch.equal(growing.input_ids, static.input_ids)
+    torch.testing.assert_close(static.sampling_log_pf, growing.sampling_log_pf, atol=1e-5, rtol=1e-5)

@@ -136,3 +136,41 @@ def test_text_records_write_each_text_after_its_prompt(tokenizer):
     assert [r.generated_ids for r in records] == [tokenizer("5+6", add_special_tokens=False)["input_ids"], []]
     assert records[0].prompt_ids == tokenizer("23+4")["input_ids"] and records[0].is_action == [True] * 3
     assert records[1].length == 0 and records[1].query == Query("1")
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_static_cache_samples_the_same_tokens_with_the_same_log_probs(tiny_lm, tokenizer, temperature):
+    """The preallocated cache changes where keys and values live, not what is sampled: greedy and
+    seeded sampling agree token for token, with a tool whose insertions outgrow the first buffers."""
+    space = ActionSpace(stop_token_ids=(STOP,), max_len=6, min_len=1, allowed_token_ids=DIGITS + (PLUS,))
+    chatty_tool = lambda query, generated: [14, 14]  # noqa: E731  (after every action: 3 columns per action)
+    runs = [sample(tiny_lm, tokenizer, queries(12), space, temperature=temperature, tool=chatty_tool,
+                   generator=torch.Generator().manual_seed(3), static_cache=static) for static in (False, True)]
+    growing, static = runs
+    assert torch.equal(growing.input_ids, static.input_ids) and torch.equal(growing.is_action, static.is_action)
+    assert growing.lengths.max() >= 2, "the insertions must outgrow the first buffers (room for max_len + 1)"
+    torch.testing.assert_close(static.sampling_log_pf, growing.sampling_log_pf, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(static.sampling_log_pterm, growing.sampling_log_pterm, atol=1e-5, rtol=1e-5)
+
+
+def test_static_cache_on_a_sliding_window_model(tokenizer):
+    """Gemma 3 mixes sliding-window and full layers: the static cache agrees within the window and
+    is refused, with the reason, beyond it."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig
+
+    def tiny_gemma(window: int):
+        torch.manual_seed(0)
+        config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                  num_attention_heads=2, num_key_value_heads=1, head_dim=16, sliding_window=window,
+                                  layer_types=["sliding_attention", "full_attention"], max_position_embeddings=64,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=STOP)
+        return Gemma3ForCausalLM(config).eval()
+
+    space = ActionSpace(stop_token_ids=(STOP,), max_len=6, min_len=1, allowed_token_ids=DIGITS)
+    model = tiny_gemma(window=32)
+    growing, static = [sample(model, tokenizer, queries(6), space, temperature=1.0, static_cache=s,
+                              generator=torch.Generator().manual_seed(4)) for s in (False, True)]
+    assert torch.equal(growing.input_ids, static.input_ids)
+    torch.testing.assert_close(static.sampling_log_pf, growing.sampling_log_pf, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="sliding window \\(4 tokens\\)"):
+        sample(tiny_gemma(window=4), tokenizer, queries(6), space, static_cache=True)

@@ -59,6 +59,7 @@ class BenchSettings:
         "cache its memory grows as T^2: 8 arithmetic samples at T = 40 took more than 23 GB)."
     )
     lora_rank: int = setting(8, "LoRA rank of the policy.")
+    static_cache: bool = setting(False, "Our sampler with the preallocated KV cache (TrainConfig.static_cache).")
     device: str = setting("auto", "cpu, cuda or auto.")
     seed: int = setting(0, "Seed of the sampled trajectories.")
     output: str | None = setting(None, "Write every figure to this JSON file.")
@@ -233,7 +234,8 @@ class StepPaths:
     # ours
     def sample(self):
         t = self.trainer
-        return sample(t.model, t.tokenizer, self.rows(), t.space, generator=self.generator, tool=t.tool)
+        return sample(t.model, t.tokenizer, self.rows(), t.space, generator=self.generator, tool=t.tool,
+                      static_cache=t.config.static_cache)
 
     def loss(self, traj, log_r) -> torch.Tensor:
         return self.trainer.loss(MicroBatch(traj, log_r, torch.ones(len(traj), dtype=torch.bool)), 1.0)
@@ -320,7 +322,7 @@ def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> d
     task = task_cls(task_cls.Options(max_len=s.max_len), tokenizer)
     config = TrainConfig(queries_per_step=s.queries, samples_per_query=s.samples, p_replay=0.0, p_tempered=0.0,
                          lora_rank=s.lora_rank, lora_alpha=2 * s.lora_rank, device=str(device), progress=False,
-                         seed=s.seed)
+                         seed=s.seed, static_cache=s.static_cache)
     space = task.action_space()
     if s.fixed_length:
         space = replace(space, min_len=space.max_len)

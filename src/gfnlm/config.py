@@ -95,6 +95,9 @@ class TrainConfig:
         None, "Autocast sampling, scoring and rewards in bf16 or fp16 (CUDA; bf16 also on a CPU with native bfloat16); "
               "the losses and log Z stay float32. Refused where the device cannot run it. Default: the launcher's "
               "(accelerate config), else no.")
+    static_cache: bool = setting(
+        False, "Sample with a preallocated KV cache (transformers' StaticCache): fixed-shape decoding steps for "
+               "torch.compile / CUDA graphs, no cache copies as it grows; the same tokens and log-probs.")
     dist_timeout_s: float = setting(
         600.0, "With several processes: how long one waits for the others in a collective before it stops with an "
                "error (a crashed rank must not leave the rest waiting forever).")

@@ -6,6 +6,12 @@ go through the model in the same cached step as the action that triggered them, 
 never dropped. Rows then advance by different numbers of tokens per step; the shorter ones are
 padded with masked columns, which the position ids skip, so every row sees exactly the
 positions it would see alone.
+
+With ``static_cache=True`` the keys and values live in transformers' ``StaticCache``: buffers
+preallocated once for the whole trajectory (and regrown, rarely, when tool insertions outrun
+them), written in place, with the attention mask padded to their length. Every decoding step then
+has the same tensor shapes and addresses, which is what ``torch.compile`` and CUDA graphs need,
+and no step copies the cache to grow it. The tokens and log-probs are those of the growing cache.
 """
 
 from __future__ import annotations
@@ -13,7 +19,9 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+from transformers import StaticCache
 
 from gfnlm.modes import eval_mode
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
@@ -120,15 +128,19 @@ def _next_step_logits(model, chunk: Tensor, chunk_mask: Tensor, full_mask: Tenso
 
     Logits are computed only from the earliest such column on (``logits_to_keep``): for a
     left-padded prompt that is one column instead of the whole prompt times the vocabulary.
+    A static cache sees the mask padded with zeros to its full length.
     """
     seen = full_mask[:, : full_mask.shape[1] - chunk.shape[1]].sum(dim=1, keepdim=True)
     positions = (seen + chunk_mask.cumsum(dim=1) - 1).clamp(min=0)
     columns = torch.arange(chunk.shape[1], device=chunk.device)
     last = torch.where(chunk_mask.bool(), columns, -1).max(dim=1).values.clamp(min=0)  # [B]
     keep = chunk.shape[1] - int(last.min())
+    attention = full_mask
+    if isinstance(cache, StaticCache):
+        attention = F.pad(full_mask, (0, cache.get_max_length() - full_mask.shape[1]))  # [B, max_cache_len]
     out = model(
         input_ids=chunk,
-        attention_mask=full_mask,
+        attention_mask=attention,
         position_ids=positions,
         cache=cache,
         use_cache=True,
@@ -137,6 +149,29 @@ def _next_step_logits(model, chunk: Tensor, chunk_mask: Tensor, full_mask: Tenso
     rows = torch.arange(chunk.shape[0], device=chunk.device)
     logits = out.logits[rows, last - (chunk.shape[1] - keep)]  # [B, V]
     return logits.float(), out.cache
+
+
+def static_copy(model, cache, columns: int, max_cache_len: int) -> StaticCache:
+    """A ``StaticCache`` of ``max_cache_len`` columns holding the first ``columns`` of ``cache``'s keys
+    and values (a growing cache after the prompts, or a static one that is about to overflow).
+
+    Sliding-window layers (Gemma 3's) must hold the whole sequence: past the window a static layer
+    rolls its buffer, which the copy could not follow."""
+    window = getattr(model.config.get_text_config(decoder=True), "sliding_window", None)
+    if window and any(getattr(layer, "is_sliding", False) for layer in cache.layers) and max_cache_len > window:
+        raise ValueError(f"static_cache needs sequences within the model's sliding window ({window} tokens), "
+                         f"these need {max_cache_len}; sample with static_cache=False")
+    static = StaticCache(config=model.config, max_cache_len=max_cache_len)
+    for index, layer in enumerate(cache.layers):
+        static.update(layer.keys[:, :, :columns], layer.values[:, :, :columns], index)
+    return static
+
+
+def _room_for(model, cache, full_mask: Tensor, width: int, trajectory_len: int):
+    """``cache``, or a larger static copy of it when the next ``width`` columns would not fit."""
+    if not isinstance(cache, StaticCache) or full_mask.shape[1] + width <= cache.get_max_length():
+        return cache
+    return static_copy(model, cache, full_mask.shape[1], full_mask.shape[1] + width + trajectory_len)
 
 
 @torch.no_grad()
@@ -151,6 +186,7 @@ def sample(
     context: SharedContext | None = None,
     top_k: int | None = None,
     top_p: float | None = None,
+    static_cache: bool = False,
 ) -> Trajectories:
     """Draw one trajectory per query (repeat a query to draw several).
 
@@ -161,6 +197,7 @@ def sample(
     recorded in ``sampling_log_pf`` / ``sampling_log_pterm`` are those of the policy itself
     (temperature 1, action-space mask and forced stop applied), which is what the scorer computes.
     ``generator`` must live on the CPU; draws are made there so runs are reproducible across devices.
+    ``static_cache`` preallocates the KV cache (see the module's docstring).
     """
     pad_id = require_pad_token(tokenizer)
     device = next(model.parameters()).device
@@ -180,6 +217,8 @@ def sample(
                                           full_mask[first_rows], cache)
         logits = logits[row_slot]
         cache.reorder_cache(row_slot)
+        if static_cache:  # room for the prompts and a full trajectory without tools; regrown if they need more
+            cache = static_copy(model, cache, full_mask.shape[1], full_mask.shape[1] + space.max_len + 1)
         generated: list[list[int]] = [[] for _ in range(batch)]
         is_action: list[list[bool]] = [[] for _ in range(batch)]
         log_pf: list[list[float]] = [[] for _ in range(batch)]
@@ -217,6 +256,7 @@ def sample(
                     chunk[b, : len(row)] = torch.tensor(row)
                     chunk_mask[b, : len(row)] = 1
             chunk, chunk_mask = chunk.to(device), chunk_mask.to(device)
+            cache = _room_for(model, cache, full_mask, width, space.max_len + 1)
             full_mask = torch.cat([full_mask, chunk_mask], dim=1)
             logits, cache = _next_step_logits(model, chunk, chunk_mask, full_mask, cache)
 

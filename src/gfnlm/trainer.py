@@ -334,7 +334,8 @@ class Trainer:
     def sample(self, queries: Sequence[Query], temperature: float | Sequence[float] = 1.0) -> Trajectories:
         """Draw one trajectory per query from the current policy (temperature scalar or per query)."""
         with self.accelerator.autocast():
-            return sample(self.model, self.tokenizer, queries, self.space, temperature, self.generator, self.tool)
+            return sample(self.model, self.tokenizer, queries, self.space, temperature, self.generator, self.tool,
+                          static_cache=self.config.static_cache)
 
     # ----------------------------------------------------------------- checkpoints
     @property
