@@ -428,7 +428,8 @@ def _device_name(device: torch.device) -> str:
 
 
 def results_table(files: list[Path]) -> str:
-    """One row per ``gfnlm bench --output`` file (device): our step, the reference step, speed-up and memory."""
+    """One row per ``gfnlm bench --output`` file (device): our step, the reference step, speed-up and memory.
+    A run of the sampler with the static KV cache says so after its device."""
     from gfnlm.report import markdown_table
 
     header = ["device", "queries x samples", "max T (mean)", "our step (s)", "reference step (s)", "speed-up",
@@ -440,7 +441,8 @@ def results_table(files: list[Path]) -> str:
         ours, ref = r["ours"], r.get("reference", {})
         share = ours["step_flop"] / ours["step_s"] / 1e9 / r["matmul_peak_gflops"]
         st = r["settings"]
-        rows.append([r["device"], f"{st['queries']} x {st['samples']}", f"{st['max_len']} ({r['mean_actions']:.1f})",
+        device = r["device"] + (", static KV cache" if st.get("static_cache") else "")
+        rows.append([device, f"{st['queries']} x {st['samples']}", f"{st['max_len']} ({r['mean_actions']:.1f})",
                      f"{ours['step_s']:.2f}", f"{ref['step_s']:.2f}" if ref else "-",
                      f"{r['speedup']:.1f}x" if ref else "-", f"{ours['peak_memory_mb']:.0f}",
                      f"{ref['peak_memory_mb']:.0f}" if ref else "-", f"{r['memory_ratio']:.2f}" if ref else "-",
