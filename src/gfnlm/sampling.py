@@ -151,7 +151,7 @@ def _next_step_logits(model, chunk: Tensor, chunk_mask: Tensor, full_mask: Tenso
     return logits.float(), out.cache
 
 
-def static_copy(model, cache, columns: int, max_cache_len: int) -> StaticCache:
+def _static_copy(model, cache, columns: int, max_cache_len: int) -> StaticCache:
     """A ``StaticCache`` of ``max_cache_len`` columns holding the first ``columns`` of ``cache``'s keys
     and values (a growing cache after the prompts, or a static one that is about to overflow).
 
@@ -171,7 +171,7 @@ def _room_for(model, cache, full_mask: Tensor, width: int, trajectory_len: int):
     """``cache``, or a larger static copy of it when the next ``width`` columns would not fit."""
     if not isinstance(cache, StaticCache) or full_mask.shape[1] + width <= cache.get_max_length():
         return cache
-    return static_copy(model, cache, full_mask.shape[1], full_mask.shape[1] + width + trajectory_len)
+    return _static_copy(model, cache, full_mask.shape[1], full_mask.shape[1] + width + trajectory_len)
 
 
 @torch.no_grad()
@@ -218,7 +218,7 @@ def sample(
         logits = logits[row_slot]
         cache.reorder_cache(row_slot)
         if static_cache:  # room for the prompts and a full trajectory without tools; regrown if they need more
-            cache = static_copy(model, cache, full_mask.shape[1], full_mask.shape[1] + space.max_len + 1)
+            cache = _static_copy(model, cache, full_mask.shape[1], full_mask.shape[1] + space.max_len + 1)
         generated: list[list[int]] = [[] for _ in range(batch)]
         is_action: list[list[bool]] = [[] for _ in range(batch)]
         log_pf: list[list[float]] = [[] for _ in range(batch)]
