@@ -100,6 +100,7 @@ def test_the_reward_of_every_prefix_is_the_story_read_in_order(tokenizer, storie
             log_p = model(torch.tensor([text_ids])).logits[0].log_softmax(-1)
         expected = sum(float(log_p[k - 1, text_ids[k]]) for k in range(len(x), len(text_ids)))
         assert float(log_r[0, i]) == pytest.approx(expected, abs=1e-4)
+    assert float(task.reward(model).terminal(traj)[0]) == pytest.approx(expected, abs=1e-4)  # buffer seeding
 
 
 def test_bleu_gleu_and_bertscore_on_hand_made_pairs(stories_file, tokenizer):

@@ -12,6 +12,8 @@ from gfnlm.rewards import (
     TextReward,
     check_log_rewards,
     lm_prefix_log_likelihoods,
+    terminal_log_rewards,
+    terminal_values,
 )
 from gfnlm.trajectories import Query, TrajectoryRecord, Trajectories
 
@@ -55,6 +57,22 @@ def test_suffix_reward_matches_per_prefix_passes(tiny_lm, tokenizer, batch):
             torch.testing.assert_close(weighted[b, : n + 1], expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="non-negative"):
         LMSuffixReward(tiny_lm, tokenizer, likelihood_weight=-1.0)
+
+
+@pytest.mark.parametrize("weights", [(1.0, 1.0), (0.5, 3.0)])
+def test_terminal_suffix_reward_equals_the_full_rewards_last_state(tiny_lm, tokenizer, batch, weights):
+    """The buffer-seeding path (two plain passes) gives every row's terminal log R of the full
+    per-prefix computation: tool insertions, an empty Z, shared prompts, weights, a context."""
+    from gfnlm.context import SharedContext
+
+    for context in (None, SharedContext(tiny_lm, tokenizer, "12+3")):
+        reward = LMSuffixReward(tiny_lm, tokenizer, prior_weight=weights[0], likelihood_weight=weights[1],
+                                context=context)
+        full = terminal_values(reward(batch), batch)  # [B]
+        torch.testing.assert_close(reward.terminal(batch), full, atol=1e-4, rtol=1e-5)
+        torch.testing.assert_close(terminal_log_rewards(reward, batch), full, atol=1e-4, rtol=1e-5)
+    stop = LMStopReward(tiny_lm, tokenizer, stop_token_ids=[2])  # no terminal method: called in full, read at the end
+    torch.testing.assert_close(terminal_log_rewards(stop, batch), terminal_values(stop(batch), batch))
 
 
 def test_suffix_reward_scores_only_real_tokens_of_reached_states(tiny_lm, tokenizer, batch):

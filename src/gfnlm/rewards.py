@@ -27,7 +27,7 @@ from torch import Tensor
 from gfnlm.losses import state_mask
 from gfnlm.modes import adapter_disabled, eval_mode
 from gfnlm.scoring import head_log_probs, score_policy, shared_prompt_hidden, split_model
-from gfnlm.trajectories import ActionSpace, Query, Trajectories
+from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
 if TYPE_CHECKING:
     from gfnlm.context import SharedContext
@@ -69,6 +69,19 @@ def compute_log_rewards(reward: Reward, traj: Trajectories) -> Tensor:
 def terminal_values(per_state: Tensor, traj: Trajectories) -> Tensor:
     """Each trajectory's entry at its terminal state, from per-state values such as log R [B, T+1]: [B]."""
     return per_state.gather(1, traj.lengths[:, None].to(per_state.device)).squeeze(1)
+
+
+def terminal_log_rewards(reward: Reward, traj: Trajectories) -> Tensor:
+    """log R of each trajectory's terminal state alone: [B]. A reward that can compute it for less
+    than every prefix says so with a ``terminal(traj)`` method (``LMSuffixReward``); any other is
+    called in full and read at the end."""
+    terminal = getattr(reward, "terminal", None)
+    if terminal is None:
+        return terminal_values(compute_log_rewards(reward, traj), traj)
+    log_r = terminal(traj)
+    if not torch.isfinite(log_r).all():
+        raise RewardError(f"{type(reward).__name__}.terminal returned a non-finite log-reward")
+    return log_r.float()
 
 
 def _packed_suffix_inputs(traj: Trajectories, suffix_ids: Sequence[Sequence[int]], pad_id: int, dtype: torch.dtype):
@@ -300,6 +313,22 @@ class LMSuffixReward:
                 context=self.context, prior_weight=self.prior_weight, likelihood_weight=self.likelihood_weight,
             )
         return check_log_rewards(log_r, traj, type(self).__name__)
+
+
+    def terminal(self, traj: Trajectories) -> Tensor:
+        """log R of the terminal states only: [B], without the T + 1 copies of Y of ``__call__``.
+
+        Two plain passes: w log p(Z | X) over the trajectory, then v log p(Y | X Z) with Z moved into
+        the prompt (horizon 0: one copy of Y). For seeding the buffer with known texts."""
+        with adapter_disabled(self.model), eval_mode(self.model):
+            pad = self.tokenizer.pad_token_id or 0
+            prior = lm_prefix_log_likelihoods(self.model, traj, pad_token_id=pad, context=self.context)  # [B, T+1]
+            whole = [TrajectoryRecord(r.query, r.prompt_ids + r.generated_ids, [], []) for r in traj.records()]
+            moved = Trajectories.from_records(whole, pad, traj.input_ids.device)
+            suffix_ids = [self.tokenizer(self.suffix(q), add_special_tokens=False)["input_ids"] for q in moved.queries]
+            likelihood = lm_prefix_log_likelihoods(self.model, moved, suffix_ids=suffix_ids, pad_token_id=pad,
+                                                   context=self.context, prior_weight=0.0)[:, 0]  # [B]
+        return self.prior_weight * terminal_values(prior, traj) + self.likelihood_weight * likelihood
 
 
 def _query_target(query: Query) -> str:
