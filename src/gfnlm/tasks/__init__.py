@@ -7,7 +7,8 @@ from gfnlm.tasks.infilling import InfillingTask
 from gfnlm.tasks.random_number import RandomNumberTask
 from gfnlm.tasks.subjectivity import SubjectivityTask
 
-TASKS: dict[str, type[Task]] = {task.name: task for task in (RandomNumberTask, ArithmeticTask, SubjectivityTask, ContinuationTask, InfillingTask)}
+TASKS: dict[str, type[Task]] = {task.name: task for task in (RandomNumberTask, ContinuationTask, InfillingTask,
+                                                            SubjectivityTask, ArithmeticTask)}
 
 
 def get_task(name: str) -> type[Task]:

@@ -47,7 +47,7 @@ from gfnlm.config import setting
 from gfnlm.data import read_lines
 from gfnlm.decoding import RULES, DecodingRule, RuleName, TokenCounter, as_batch, decode
 from gfnlm.metrics import embedding_diversity
-from gfnlm.report import ResultsTable, markdown_table, read_eval, training_budget
+from gfnlm.report import Headline, Pick, ResultsTable, markdown_table, read_eval, training_budget
 from gfnlm.rewards import LMStopReward, terminal_values
 from gfnlm.sentence import SENTENCE_END, allowed_tokens
 from gfnlm.tasks.base import Task, TaskOptions
@@ -225,6 +225,15 @@ class ContinuationTask(Task):
     @classmethod
     def figures(cls, results: list[dict], output_dir: Path) -> list[Path]:
         return [draw_pareto(results, output_dir / "pareto.png")]
+
+    headline = Headline(
+        experiment="Sentence continuation (§4.1)", page="continuation.md",
+        metric="max log-likelihood of 8 next sentences / their diversity",
+        columns=("max log-likelihood", "diversity"),
+        gfn=Pick("continuation", {"method": "GFlowNet T=0.875"}),
+        baseline=Pick("continuation", {"method": "diverse-beam penalty=1 x5"}), baseline_name="diverse beam search, 5x compute",
+        paper="above diverse beam search in max log-likelihood, on par with it at 5x compute, more diverse (GPT-2 XL, Fig. 3)",
+        setting="SmolLM2-135M, 2 CPU cores", budget="{training}")
 
     @classmethod
     def results_tables(cls) -> dict[str, ResultsTable]:
