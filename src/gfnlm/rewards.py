@@ -305,15 +305,16 @@ class LMSuffixReward:
         self.prior_weight, self.likelihood_weight = prior_weight, likelihood_weight
         self.context = context
 
+    def _suffix_ids(self, queries: Sequence[Query]) -> list[list[int]]:
+        return [self.tokenizer(self.suffix(q), add_special_tokens=False)["input_ids"] for q in queries]
+
     def __call__(self, traj: Trajectories) -> Tensor:
-        suffix_ids = [self.tokenizer(self.suffix(q), add_special_tokens=False)["input_ids"] for q in traj.queries]
         with adapter_disabled(self.model), eval_mode(self.model):
             log_r = lm_prefix_log_likelihoods(
-                self.model, traj, suffix_ids=suffix_ids, pad_token_id=self.tokenizer.pad_token_id or 0,
-                context=self.context, prior_weight=self.prior_weight, likelihood_weight=self.likelihood_weight,
+                self.model, traj, suffix_ids=self._suffix_ids(traj.queries),
+                pad_token_id=self.tokenizer.pad_token_id or 0, context=self.context, prior_weight=self.prior_weight, likelihood_weight=self.likelihood_weight,
             )
         return check_log_rewards(log_r, traj, type(self).__name__)
-
 
     def terminal(self, traj: Trajectories) -> Tensor:
         """log R of the terminal states only: [B], without the T + 1 copies of Y of ``__call__``.
@@ -325,9 +326,8 @@ class LMSuffixReward:
             prior = lm_prefix_log_likelihoods(self.model, traj, pad_token_id=pad, context=self.context)  # [B, T+1]
             whole = [TrajectoryRecord(r.query, r.prompt_ids + r.generated_ids, [], []) for r in traj.records()]
             moved = Trajectories.from_records(whole, pad, traj.input_ids.device)
-            suffix_ids = [self.tokenizer(self.suffix(q), add_special_tokens=False)["input_ids"] for q in moved.queries]
-            likelihood = lm_prefix_log_likelihoods(self.model, moved, suffix_ids=suffix_ids, pad_token_id=pad,
-                                                   context=self.context, prior_weight=0.0)[:, 0]  # [B]
+            likelihood = lm_prefix_log_likelihoods(self.model, moved, suffix_ids=self._suffix_ids(moved.queries),
+                                                   pad_token_id=pad, context=self.context, prior_weight=0.0)[:, 0]  # [B]
         return self.prior_weight * terminal_values(prior, traj) + self.likelihood_weight * likelihood
 
 

@@ -249,7 +249,7 @@ def metrics_table(runs: list[Path]) -> str:
     """Fig. 3's numbers: one row per evaluation folder (a GFlowNet run's, or a decoding baseline's)."""
     header = ["method", "max log-likelihood", "diversity", "mean log-likelihood", "mean tokens", "ended by '.'",
               "distinct of N", "forward tokens / prompt", "s / prompt", "prompts", "training"]
-    rows = [[r["label"], f"{r['max_log_likelihood']:.2f}", f"{max(r['diversity'], 0.0):.3f}", f"{r['mean_log_likelihood']:.2f}",
+    rows = [[r["label"], f"{r['max_log_likelihood']:.2f}", f"{r['diversity']:.3f}", f"{r['mean_log_likelihood']:.2f}",
              f"{r['mean_length']:.1f}", f"{r['ended_fraction']:.2f}", f"{r['distinct']:.1f} / {r['eval_samples']}",
              f"{r['forward_tokens_per_prompt']:.0f}", f"{r['seconds_per_prompt']:.1f}", str(r["n_prompts"]),
              training_budget(run)] for run, r in ((run, read_eval(run)) for run in runs)]
