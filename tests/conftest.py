@@ -9,8 +9,11 @@ import torch
 from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
 from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
+from gfnlm.policy import Policy, native_bf16
+
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 DEVICES = ["cpu", pytest.param("cuda", marks=needs_cuda)]
+needs_native_bf16 = pytest.mark.skipif(not native_bf16(torch.device("cpu")), reason="this CPU has no native bfloat16")
 """Parametrise a test over these to run it on a GPU too, where there is one (CI has none)."""
 
 TINY_VOCAB = ["<pad>", "<s>", "</s>", *"0123456789", "+", "-", " "]  # 16 tokens
@@ -60,6 +63,12 @@ def save_tiny_model(folder, tokenizer, seed: int = 2):
     make_tiny_lm(vocab_size=len(tokenizer), seed=seed).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+def make_policy(model, tokenizer, space, tool=None, precision: str = "no", **settings) -> Policy:
+    """``model`` as a policy, in float32 unless a test asks otherwise: most tests compare against float32 or
+    float64 references."""
+    return Policy(model, tokenizer, space, tool, precision=precision, **settings)
 
 
 @pytest.fixture

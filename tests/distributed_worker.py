@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from conftest import make_char_tokenizer, make_tiny_lm  # noqa: E402
 
 from gfnlm.config import TrainConfig  # noqa: E402
+from gfnlm.policy import Policy  # noqa: E402
 from gfnlm.rewards import TextReward, compute_log_rewards  # noqa: E402
 from gfnlm.trainer import GFlowNetTrainer, MicroBatch  # noqa: E402
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories  # noqa: E402
@@ -40,13 +41,13 @@ def make_trainer(output_dir=None, **settings) -> GFlowNetTrainer:
     defaults = dict(steps=1, queries_per_step=2, samples_per_query=3, lr=1e-2, lora_rank=4, log_z_lr=0.2,
                     log_z_init="estimate", progress=False, save_every=2, device="cpu", dist_timeout_s=20.0)
     config = TrainConfig(**(defaults | settings))
-    return GFlowNetTrainer(make_tiny_lm(seed=1), tokenizer, TextReward(reward_fn, tokenizer), QUERIES, SPACE, config,
-                           output_dir=output_dir)
+    policy = Policy.from_config(make_tiny_lm(seed=1), tokenizer, SPACE, config)
+    return GFlowNetTrainer(policy, TextReward(reward_fn, tokenizer), QUERIES, config, output_dir=output_dir)
 
 
 def fixed_batch(trainer: GFlowNetTrainer, rank: int) -> MicroBatch:
     """Rank ``rank``'s micro-batch: fixed trajectories (queries 0-1 on rank 0, 1-3 on rank 1), ragged lengths."""
-    prompts = trainer.tokenizer([q.prompt for q in QUERIES])["input_ids"]
+    prompts = trainer.policy.tokenizer([q.prompt for q in QUERIES])["input_ids"]
     rows = [(0, [5, 7]), (1, [9, 9, 4]), (0, [7])] if rank == 0 else [(1, [7, 7, 7, 7]), (3, [4]), (2, [8, 3])]
     records = [TrajectoryRecord(QUERIES[q], prompts[q], z, [True] * len(z)) for q, z in rows]
     traj = Trajectories.from_records(records, trainer.pad_id, trainer.device)
@@ -80,17 +81,18 @@ def main() -> None:
         config = TrainConfig(steps=300, queries_per_step=1, samples_per_query=32, lr=3e-3, lora_rank=0, log_z_lr=0.1,
                              p_replay=0.2, p_tempered=0.4, pf_temp_min=1.0, pf_temp_max=2.0, max_grad_norm=10.0,
                              device="cpu", progress=False, seed=0)
-        trainer = GFlowNetTrainer(make_tiny_lm(seed=3), make_char_tokenizer(), reward, queries, space, config)
+        policy = Policy.from_config(make_tiny_lm(seed=3), make_char_tokenizer(), space, config)
+        trainer = GFlowNetTrainer(policy, reward, queries, config)
         trainer.train()
         if trainer.ranks.writes:
             tvs = []
             for query in queries:
-                prompt = trainer.tokenizer(query.prompt)["input_ids"]
+                prompt = policy.tokenizer(query.prompt)["input_ids"]
                 records = [TrajectoryRecord(query, prompt, list(z), [True] * len(z)) for z in SEQUENCES]
                 traj = Trajectories.from_records(records, trainer.pad_id)
                 with torch.no_grad():
-                    policy = terminal_log_prob(*score_policy(trainer.model, traj, space), traj.lengths).exp()
-                tvs.append(0.5 * (policy - reward.target()).abs().sum().item())
+                    probs = terminal_log_prob(*score_policy(trainer.model, traj, space), traj.lengths).exp()
+                tvs.append(0.5 * (probs - reward.target()).abs().sum().item())
             (out / "tv.json").write_text(json.dumps({"tv": tvs}))
     elif mode == "crash":
         trainer = make_trainer(steps=3)
@@ -99,8 +101,9 @@ def main() -> None:
         trainer.train()
     elif mode == "one-query":
         tokenizer = make_char_tokenizer()
-        GFlowNetTrainer(make_tiny_lm(), tokenizer, TextReward(reward_fn, tokenizer), QUERIES[:1], SPACE,
-                        TrainConfig(device="cpu"))
+        config = TrainConfig(device="cpu")
+        GFlowNetTrainer(Policy.from_config(make_tiny_lm(), tokenizer, SPACE, config), TextReward(reward_fn, tokenizer),
+                        QUERIES[:1], config)
     else:
         raise SystemExit(f"unknown mode {mode!r}")
 

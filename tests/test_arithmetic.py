@@ -10,7 +10,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from conftest import DEVICES, make_char_tokenizer, make_tiny_lm, needs_cuda
+from conftest import DEVICES, make_char_tokenizer, make_policy, make_tiny_lm, needs_cuda
 from gfnlm.cli import main
 from gfnlm.rewards import LMSuffixReward, lm_prefix_log_likelihoods
 from gfnlm.scoring import score_policy
@@ -131,11 +131,16 @@ def test_train_queries_are_worked_plus_plain_without_duplicates(task):
     assert len(queries) == 5 and queries[4].target == ". The answer is 4."
 
 
+def policy_of(task, model):
+    return make_policy(model, task.tokenizer, task.action_space(), task.tool())
+
+
 def test_reward_is_conditioned_on_the_demonstrations(task):
     model = make_tiny_lm(seed=2, vocab_size=len(task.tokenizer))
+    policy = policy_of(task, model)
     traj = Trajectories.from_records(task.seed_records(None, torch.Generator()), task.tokenizer.pad_token_id)
-    with_demos = task.reward(model)(traj)
-    without = LMSuffixReward(model, task.tokenizer)(traj)
+    with_demos = task.reward(policy)(traj)
+    without = LMSuffixReward(policy)(traj)
     assert with_demos.shape == without.shape == (2, traj.horizon + 1)
     assert torch.isfinite(with_demos).all()
     assert not torch.allclose(with_demos, without, atol=1e-3)
@@ -146,9 +151,10 @@ def test_reward_likelihood_weight_scales_only_the_answers_likelihood(task):
     """R = p(Z | X) p(Y | X Z)^v: raising v to 3 adds twice the answer's log-likelihood to each prefix's reward."""
     model = make_tiny_lm(seed=2, vocab_size=len(task.tokenizer))
     traj = Trajectories.from_records(task.seed_records(None, torch.Generator()), task.tokenizer.pad_token_id)
-    joint = task.reward(model)(traj)
+    policy = policy_of(task, model)
+    joint = task.reward(policy)(traj)
     task.options.reward_likelihood_weight = 3.0
-    weighted = task.reward(model)(traj)
+    weighted = task.reward(policy)(traj)
     prior = lm_prefix_log_likelihoods(model, traj, context=task.reward_context(model))
     for b, n in enumerate(traj.lengths.tolist()):
         likelihood = (joint - prior)[b, : n + 1]
@@ -157,7 +163,7 @@ def test_reward_likelihood_weight_scales_only_the_answers_likelihood(task):
 
 def test_evaluate_votes_and_counts_unparsable_answers(task, tmp_path, caplog):
     model = make_tiny_lm(seed=3, vocab_size=len(task.tokenizer))
-    result = task.evaluate(model, tmp_path, "tiny")
+    result = task.evaluate(policy_of(task, model), tmp_path, "tiny")
     assert "evaluating on training questions" in caplog.text  # no test_file: said, not silent
     assert result["n_questions"] == 2 and result["eval_samples"] == 3
     predictions = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
@@ -181,7 +187,7 @@ def test_calls_histogram_counts_the_calls_per_rationale():
 
 def test_answer_completion_parses_the_first_integer(task, monkeypatch):
     model = make_tiny_lm(seed=4, vocab_size=len(task.tokenizer))
-    answers = task.complete_answers(model, ["Question: 1 + 1 = ? Answer: 1 + 1 = 2.", "Question: 1 + 1 = ? Answer: 1 + 1 = 2."])
+    answers = task.complete_answers(policy_of(task, model), ["Question: 1 + 1 = ? Answer: 1 + 1 = 2.", "Question: 1 + 1 = ? Answer: 1 + 1 = 2."])
     assert len(answers) == 2 and answers[0] == answers[1]  # greedy: the same prompt gets the same answer
 
 
@@ -216,19 +222,20 @@ def test_evaluation_batches_shrink_to_the_token_budget(task):
 
 
 def test_k_shot_evaluation_samples_after_the_shots_within_the_budget(task, tmp_path, monkeypatch):
-    import gfnlm.tasks.arithmetic as arithmetic
+    from gfnlm.policy import Policy
 
     calls = []
 
-    def spy(model, tokenizer, queries, space, temperature=1.0, generator=None, tool=None, context=None):
-        calls.append((len(queries), context.text if context is not None else None, tool is not None))
-        return sample(model, tokenizer, queries, space, temperature, generator, tool, context)
+    def spy(policy, queries, temperature=1.0, generator=None, **kwargs):
+        context = kwargs.get("context")
+        calls.append((len(queries), context.text if context is not None else None, policy.tool is not None))
+        return sample(policy, queries, temperature, generator, **kwargs)
 
-    sample = arithmetic.sample
-    monkeypatch.setattr(arithmetic, "sample", spy)
+    sample = Policy.sample
+    monkeypatch.setattr(Policy, "sample", spy)
     model = make_tiny_lm(seed=3, vocab_size=len(task.tokenizer))
     task.options.shots, task.options.eval_batch_tokens = 2, 1
-    result = task.evaluate(model, tmp_path, "2-shot")
+    result = task.evaluate(policy_of(task, model), tmp_path, "2-shot")
     rationale_calls = [c for c in calls if c[2]]  # the answer completions run without the calculator
     assert result["n_questions"] == 2 and len(rationale_calls) == 2  # one question per batch: the budget binds
     assert all(rows == task.options.eval_samples and text.count("The answer is") == 2 for rows, text, _ in rationale_calls)
@@ -278,7 +285,8 @@ def test_reward_and_policy_scores_agree_across_devices(task):
         task = ArithmeticTask(task.options, task.tokenizer)  # a fresh reward context on this device
         traj = Trajectories.from_records(records, task.tokenizer.pad_token_id, device=device)
         with torch.no_grad():
-            scores[device] = [t.cpu() for t in (task.reward(model)(traj), *score_policy(model, traj, task.action_space()))]
+            reward = task.reward(policy_of(task, model))
+            scores[device] = [t.cpu() for t in (reward(traj), *score_policy(model, traj, task.action_space()))]
     for on_gpu, on_cpu in zip(scores["cuda"], scores["cpu"], strict=True):
         torch.testing.assert_close(on_gpu, on_cpu, atol=1e-4, rtol=1e-4)
 

@@ -1,7 +1,7 @@
 """SFT and PPO share the engine; each one moves the policy the way its objective says."""
 
 import torch
-from conftest import make_tiny_lm
+from conftest import make_policy, make_tiny_lm
 
 from gfnlm.baselines.ppo import PPOConfig, PPOTrainer, episode_log_probs, generalised_advantages
 from gfnlm.baselines.sft import SFTTrainer
@@ -27,7 +27,7 @@ def config(**kw):
 
 
 def test_sft_raises_the_likelihood_of_its_examples(tokenizer):
-    trainer = SFTTrainer(make_tiny_lm(), tokenizer, lambda n, g: [TARGET] * n, SPACE, config())
+    trainer = SFTTrainer(make_policy(make_tiny_lm(), tokenizer, SPACE), lambda n, g: [TARGET] * n, config())
     before = prob_of(trainer.model, TARGET)
     trainer.train()
     assert prob_of(trainer.model, TARGET) > max(0.9, before + 0.3)
@@ -42,8 +42,8 @@ def stop_prob_at_start(model):
 def test_ppo_maximises_reward(tokenizer):
     """Reward 1 for any non-empty text, e^-30 for stopping at once (what the initial policy prefers)."""
     reward = TextReward(lambda texts, qs: [0.0 if t else -30.0 for t in texts], tokenizer)
-    trainer = PPOTrainer(make_tiny_lm(), tokenizer, reward, [QUERY], SPACE, config(steps=15, samples_per_query=48),
-                         PPOConfig(init_kl_coef=0.0))
+    trainer = PPOTrainer(make_policy(make_tiny_lm(), tokenizer, SPACE), reward, [QUERY],
+                         config(steps=15, samples_per_query=48), PPOConfig(init_kl_coef=0.0))
     before = stop_prob_at_start(trainer.model)
     history = trainer.train()
     assert before > 0.8

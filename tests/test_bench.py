@@ -36,9 +36,9 @@ def _arithmetic_data_at_its_default_place(tmp_path, monkeypatch):
 
 def _trainer(task, model, reward=None):
     config = TrainConfig(queries_per_step=2, samples_per_query=3, p_replay=0.0, p_tempered=0.0, lora_rank=4,
-                         lora_alpha=8, progress=False)
-    return GFlowNetTrainer(model, task.tokenizer, reward or task.reward(model), task.train_queries(),
-                           task.action_space(), config, task.tool())
+                         lora_alpha=8, progress=False, mixed_precision="no")  # the reference path runs in float32
+    policy = task.policy(model, config)
+    return GFlowNetTrainer(policy, reward or task.reward(policy), task.train_queries(), config)
 
 
 def test_reference_and_fast_losses_agree_on_the_same_trajectories():
@@ -128,10 +128,9 @@ def test_static_cache_trainer_samples_the_arithmetic_tasks_trajectories_with_the
     drawn = []
     for static_cache in (False, True):
         config = TrainConfig(queries_per_step=2, samples_per_query=4, lora_rank=4, progress=False, seed=5,
-                             static_cache=static_cache)
-        model = make_tiny_lm(seed=1, vocab_size=len(tokenizer))
-        trainer = GFlowNetTrainer(model, tokenizer, task.reward(model), task.train_queries(), task.action_space(),
-                                  config, task.tool())
+                             static_cache=static_cache, mixed_precision="no")  # log-probs compared to 1e-5
+        policy = task.policy(make_tiny_lm(seed=1, vocab_size=len(tokenizer)), config)
+        trainer = GFlowNetTrainer(policy, task.reward(policy), task.train_queries(), config)
         drawn.append(trainer.sample([q for q in trainer.queries[:2] for _ in range(4)], 1.5))
     growing, static = drawn
     assert (~growing.is_action & growing.attention_mask.bool())[:, growing.prompt_len:].any(), "the calculator never ran"

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
-from conftest import make_char_tokenizer, make_tiny_lm
+from conftest import make_char_tokenizer, make_policy, make_tiny_lm
 from gfnlm.context import SharedContext
 from gfnlm.rewards import lm_prefix_log_likelihoods
-from gfnlm.sampling import sample
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
 CONTEXT = "12+3 45-6 "
@@ -45,10 +44,9 @@ def test_sampling_with_context_equals_prepended_prompt():
     context = SharedContext(model, tokenizer, CONTEXT)
     space = ActionSpace(stop_token_ids=(2,), max_len=5)
     prompts = ["7+", "3", "7+", "95-"]
-    a = sample(model, tokenizer, [Query(p) for p in prompts], space, generator=torch.Generator().manual_seed(0),
-               context=context)
-    b = sample(model, tokenizer, [Query(CONTEXT + p) for p in prompts], space,
-               generator=torch.Generator().manual_seed(0))
+    policy = make_policy(model, tokenizer, space)
+    a = policy.sample([Query(p) for p in prompts], generator=torch.Generator().manual_seed(0), context=context)
+    b = policy.sample([Query(CONTEXT + p) for p in prompts], generator=torch.Generator().manual_seed(0))
     assert [r.generated_ids for r in a.records()] == [r.generated_ids for r in b.records()]
     assert torch.allclose(a.sampling_log_pf, b.sampling_log_pf, atol=1e-4)
 
@@ -58,7 +56,7 @@ def test_temperature_zero_is_greedy():
     model = make_tiny_lm(seed=5)
     space = ActionSpace(stop_token_ids=(2,), max_len=6)
     queries = [Query("1+")] * 4
-    traj = sample(model, tokenizer, queries, space, temperature=0.0, generator=torch.Generator().manual_seed(1))
+    traj = make_policy(model, tokenizer, space).sample(queries, 0.0, torch.Generator().manual_seed(1))
     rows = {tuple(r.generated_ids) for r in traj.records()}
     assert len(rows) == 1
     # each greedy token is the argmax of the policy at its state

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_char_tokenizer, make_tiny_lm, save_tiny_model
+from conftest import make_char_tokenizer, make_policy, make_tiny_lm, save_tiny_model
 
 from gfnlm.cli import main
 from gfnlm.data import read_lines
@@ -73,7 +73,7 @@ def test_the_reward_of_every_prefix_is_the_base_models_sentence_probability(toke
     z = [ids["a"], ids["b"], ids["b"]]
     batch = Trajectories.from_records([TrajectoryRecord(query, prompt, z, [True] * 3),
                                        TrajectoryRecord(query, prompt, z[:1], [True])], tokenizer.pad_token_id)
-    log_r = task.reward(model)(batch)  # [2, 4]
+    log_r = task.reward(make_policy(model, tokenizer, task.action_space()))(batch)  # [2, 4]
     allowed = [ids["a"], ids["b"], ids["."]]
     for i in range(4):
         with torch.no_grad():
@@ -82,7 +82,7 @@ def test_the_reward_of_every_prefix_is_the_base_models_sentence_probability(toke
         expected = sum(float(log_p[k, allowed.index(z[k])]) for k in range(i)) + float(log_p[i, 2])
         assert float(log_r[0, i]) == pytest.approx(expected, abs=1e-5)
     assert float(log_r[1, 1]) == pytest.approx(float(log_r[0, 1]), abs=1e-5)  # the same prefix in another row
-    assert isinstance(task.reward(model), LMStopReward)
+    assert isinstance(task.reward(make_policy(model, tokenizer, task.action_space())), LMStopReward)
 
 
 def test_diversity_is_zero_for_identical_samples_and_one_for_orthogonal_ones():
@@ -101,8 +101,9 @@ def test_prompt_metrics_of_hand_made_samples(tokenizer, prompts_file):
     prompt = tokenizer(query.prompt)["input_ids"]
     sentences = [[ids["a"]], [ids["a"]], [ids["b"], ids["a"], ids["b"], ids["b"]]]
     records = [TrajectoryRecord(query, prompt, z, [True] * len(z)) for z in sentences]
-    metrics = task._prompt_metrics(model, records)
-    log_r = task.reward(model)(Trajectories.from_records(records, tokenizer.pad_token_id))
+    reward = task.reward(make_policy(model, tokenizer, task.action_space()))
+    metrics = task._prompt_metrics(reward, records)
+    log_r = reward(Trajectories.from_records(records, tokenizer.pad_token_id))
     own = [float(log_r[0, 1]), float(log_r[1, 1]), float(log_r[2, 4])]
     assert metrics["max_log_likelihood"] == pytest.approx(max(own), abs=1e-5)
     assert metrics["mean_log_likelihood"] == pytest.approx(sum(own) / 3, abs=1e-5)
@@ -110,7 +111,7 @@ def test_prompt_metrics_of_hand_made_samples(tokenizer, prompts_file):
     assert metrics["ended_fraction"] == pytest.approx(2 / 3)  # the 4-token one had its stop forced
     assert metrics["distinct"] == 2
     assert [s["text"] for s in metrics["samples"]] == ["a.", "a.", "babb."]
-    same = task._prompt_metrics(model, records[:2])
+    same = task._prompt_metrics(reward, records[:2])
     assert same["diversity"] == pytest.approx(0.0, abs=1e-6)
 
 

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import make_char_tokenizer, make_tiny_lm
+from conftest import make_char_tokenizer, make_policy, make_tiny_lm
 
 from gfnlm.decoding import RULES, DecodingRule, TokenCounter, beam_search, decode, diverse_beam_search
 from gfnlm.rewards import policy_prefix_log_likelihoods, terminal_values
@@ -31,7 +31,7 @@ def _log_q(model, tokenizer, query, space, sequences) -> list[float]:
     prompt = tokenizer(query.prompt)["input_ids"]
     records = [TrajectoryRecord(query, prompt, list(z), [True] * len(z)) for z in sequences]
     batch = Trajectories.from_records(records, tokenizer.pad_token_id)
-    return terminal_values(policy_prefix_log_likelihoods(model, batch, space), batch).tolist()
+    return terminal_values(policy_prefix_log_likelihoods(make_policy(model, tokenizer, space), batch), batch).tolist()
 
 
 def test_truncate_keeps_the_top_k_and_the_nucleus():
@@ -51,7 +51,7 @@ def test_every_rule_returns_n_sentences_inside_the_action_space(setup, name):
     model, tokenizer, space, ids = setup
     rule = DecodingRule(name, temperature=0.7, top_k=1, top_p=0.9)
     queries = [Query("ab "), Query("b ")]
-    out = decode(model, tokenizer, queries, space, rule, n=3, generator=torch.Generator().manual_seed(0))
+    out = decode(make_policy(model, tokenizer, space), queries, rule, n=3, generator=torch.Generator().manual_seed(0))
     assert len(out) == 2 and all(len(records) == 3 for records in out)
     for query, records in zip(queries, out):
         for record in records:
@@ -71,9 +71,10 @@ def test_one_wide_group_is_exact_beam_search(setup):
     every = [z for length in range(1, 4) for z in itertools.product([ids["a"], ids["b"]], repeat=length)]
     scores = _log_q(model, tokenizer, query, space, every)
     best = [list(z) for _, z in sorted(zip(scores, every), reverse=True)[:5]]
-    found = diverse_beam_search(model, tokenizer, query, space, n=5, groups=1, group_beams=8, diversity_penalty=1.0)
+    found = diverse_beam_search(make_policy(model, tokenizer, space), query, n=5, groups=1, group_beams=8,
+                                diversity_penalty=1.0)
     assert [r.generated_ids for r in found] == best
-    hf = beam_search(model, tokenizer, query, space, n=5, beams=8)  # transformers' beam search agrees
+    hf = beam_search(make_policy(model, tokenizer, space), query, n=5, beams=8)  # transformers' beam search agrees
     assert [r.generated_ids for r in hf] == best
 
 
@@ -107,7 +108,8 @@ def test_diverse_beam_search_with_one_beam_per_group_matches_a_naive_reference(s
     model, tokenizer, space, ids = setup
     space = ActionSpace(space.stop_token_ids, max_len=4, min_len=1, allowed_token_ids=space.allowed_token_ids)
     query = Query("b ")
-    found = diverse_beam_search(model, tokenizer, query, space, n=3, groups=3, group_beams=1, diversity_penalty=penalty)
+    found = diverse_beam_search(make_policy(model, tokenizer, space), query, n=3, groups=3, group_beams=1,
+                                diversity_penalty=penalty)
     assert [r.generated_ids for r in found] == _reference_diverse_greedy(model, tokenizer, query, space, 3, penalty)
     if penalty == 100.0:  # the second group never starts as the first did
         first_tokens = {r.generated_ids[0] for r in found}
@@ -117,7 +119,7 @@ def test_diverse_beam_search_with_one_beam_per_group_matches_a_naive_reference(s
 def test_token_counter_counts_the_positions_each_rule_runs(setup):
     model, tokenizer, space, _ = setup
     counter = TokenCounter(model)
-    decode(model, tokenizer, [Query("ab ")], space, DecodingRule("greedy"), n=2)
+    decode(make_policy(model, tokenizer, space), [Query("ab ")], DecodingRule("greedy"), n=2)
     counter.remove()
     # greedy: the prompt once (3 tokens + <s>), then 2 rows x at most max_len steps of one token
     assert 4 < counter.total <= 4 + 2 * space.max_len
@@ -141,7 +143,7 @@ def test_several_stop_tokens_are_one_way_to_stop_for_the_searches(setup):
     policy = two_stops.policy_log_probs(logits, torch.tensor([1, 1]))
     torch.testing.assert_close(merged[:, ids["."]], policy[:, [ids["."], ids["a"]]].logsumexp(-1))
     assert torch.isinf(merged[:, ids["a"]]).all()
-    for found in (beam_search(model, tokenizer, Query("ab "), two_stops, n=3, beams=3),
-                  diverse_beam_search(model, tokenizer, Query("ab "), two_stops, n=3, groups=1, group_beams=3,
-                                      diversity_penalty=0.0)):
+    for found in (beam_search(make_policy(model, tokenizer, two_stops), Query("ab "), n=3, beams=3),
+                  diverse_beam_search(make_policy(model, tokenizer, two_stops), Query("ab "), n=3, groups=1,
+                                      group_beams=3, diversity_penalty=0.0)):
         assert len({tuple(r.generated_ids) for r in found}) == 3  # b., bb., bbb.: each once, not once per stop

@@ -16,7 +16,8 @@ import pytest
 import torch
 
 from gfnlm.config import ConfigError, TrainConfig, apply_settings
-from gfnlm.distributed import cpu_supports_bf16, make_accelerator
+from gfnlm.distributed import make_accelerator
+from gfnlm.policy import cpu_supports_bf16, resolve_precision
 from gfnlm.trainer import TIMING_KEYS, read_logged_metrics
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
@@ -97,24 +98,37 @@ def test_more_processes_than_queries_is_refused(tmp_path):
 def test_mixed_precision_is_refused_where_the_device_cannot_run_it():
     cpu = torch.device("cpu")
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
-        make_accelerator(TrainConfig(mixed_precision="fp16", device="cpu"), cpu)
+        resolve_precision("fp16", cpu)
     if cpu_supports_bf16():
-        assert make_accelerator(TrainConfig(mixed_precision="bf16", device="cpu"), cpu).mixed_precision == "bf16"
-    else:
-        with pytest.raises(ConfigError, match="this CPU has no native bfloat16"):
-            make_accelerator(TrainConfig(mixed_precision="bf16", device="cpu"), cpu)
-    with pytest.raises(ConfigError, match=r"mixed_precision must be one of \['no', 'bf16', 'fp16'\]"):
+        assert resolve_precision("bf16", cpu) == resolve_precision("auto", cpu) == "bf16"
+    with pytest.raises(ConfigError, match=r"mixed_precision must be one of \['auto', 'no', 'bf16', 'fp16'\]"):
         apply_settings([TrainConfig()], {"mixed_precision": "fp8"})  # --mixed_precision fp8
-    with pytest.raises(ConfigError, match="must be no, bf16 or fp16, got 'fp8'"):
-        make_accelerator(TrainConfig(mixed_precision="fp8", device="cpu"), cpu)
+    with pytest.raises(ConfigError, match="must be auto, no, bf16 or fp16, got 'fp8'"):
+        resolve_precision("fp8", cpu)
+
+
+def test_without_native_bf16_auto_is_float32_said_once_and_bf16_is_refused(monkeypatch, caplog):
+    """No silent slow emulation: bf16 asked for on a CPU without AVX512-BF16 / AMX is one clear error, and auto
+    falls back to float32 with one line in the log."""
+    import gfnlm.policy
+
+    monkeypatch.setattr(gfnlm.policy, "cpu_supports_bf16", lambda: False)
+    monkeypatch.setattr(gfnlm.policy, "_said_auto", set())
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="this CPU has no native bfloat16"):
+        resolve_precision("bf16", cpu)
+    with caplog.at_level("INFO", logger="gfnlm"):
+        assert resolve_precision("auto", cpu) == resolve_precision("auto", cpu) == "no"
+    assert caplog.text.count("float32 on cpu, which has no native bfloat16") == 1
 
 
 def test_the_launchers_precision_applies_unless_the_run_sets_its_own(monkeypatch):
     cpu = torch.device("cpu")
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "fp16")  # what accelerate launch --mixed_precision fp16 sets
     with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
-        make_accelerator(TrainConfig(device="cpu"), cpu)
-    assert make_accelerator(TrainConfig(mixed_precision="no", device="cpu"), cpu).mixed_precision == "no"
+        resolve_precision("auto", cpu)
+    assert resolve_precision("no", cpu) == "no"
+    assert make_accelerator(TrainConfig(), cpu, "no").mixed_precision == "no"
 
 
 @pytest.mark.parametrize("name", ["multi-gpu", "multi-node", "fsdp"])

@@ -11,6 +11,7 @@ import torch
 from conftest import needs_cuda, make_tiny_lm
 
 from gfnlm.config import TrainConfig
+from gfnlm.policy import Policy, native_bf16
 from gfnlm.scoring import score_policy, terminal_log_prob
 from gfnlm.trainer import GFlowNetTrainer
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
@@ -50,18 +51,23 @@ def exact_policy_distribution(model, space) -> torch.Tensor:
         return terminal_log_prob(*score_policy(model, traj, space), traj.lengths).exp()
 
 
-@pytest.mark.parametrize("loss, min_len, device", [("subtb", 0, "cpu"), ("tb", 0, "cpu"), ("subtb", 1, "cpu"),
-                                                   pytest.param("subtb", 0, "cuda", marks=needs_cuda)])
-def test_trained_policy_matches_target(tokenizer, loss, min_len, device):
-    """min_len=1: the empty sequence is impossible, and the target is renormalised without it."""
+@pytest.mark.parametrize("loss, min_len, device, lora_rank", [
+    ("subtb", 0, "cpu", 0), ("tb", 0, "cpu", 0), ("subtb", 1, "cpu", 0), ("subtb", 0, "cpu", 16),
+    pytest.param("subtb", 0, "cuda", 0, marks=needs_cuda)])
+def test_trained_policy_matches_target(tokenizer, loss, min_len, device, lora_rank):
+    """min_len=1: the empty sequence is impossible, and the target is renormalised without it. With LoRA the
+    default precision applies: bfloat16 base weights where the CPU computes it natively, as in real runs."""
     space = ActionSpace(stop_token_ids=(STOP,), max_len=MAX_LEN, min_len=min_len, allowed_token_ids=ALLOWED)
     reward = TableReward(seed=1, min_len=min_len)
     config = TrainConfig(
-        steps=300, queries_per_step=1, samples_per_query=32, lr=3e-3, lora_rank=0, loss=loss, log_z_lr=0.1,
+        steps=300, queries_per_step=1, samples_per_query=32, lr=3e-3 if lora_rank == 0 else 5e-3, lora_rank=lora_rank,
+        lora_alpha=2 * lora_rank, loss=loss, log_z_lr=0.1,
         p_replay=0.2, p_tempered=0.4, pf_temp_min=1.0, pf_temp_max=2.0, max_grad_norm=10.0, device=device,
         progress=False, seed=0,
     )
-    trainer = GFlowNetTrainer(make_tiny_lm(seed=3), tokenizer, reward, [QUERY], space, config)
+    trainer = GFlowNetTrainer(Policy.from_config(make_tiny_lm(seed=3), tokenizer, space, config), reward, [QUERY], config)
+    expected_precision = "bf16" if lora_rank and native_bf16(torch.device(device)) else "no"
+    assert trainer.policy.precision == expected_precision
     target = reward.target().to(device)
     before = exact_policy_distribution(trainer.model, space)
     assert before.sum().item() == pytest.approx(1.0, abs=1e-5)  # the enumeration covers every outcome

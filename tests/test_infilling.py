@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_char_tokenizer, make_tiny_lm, save_tiny_model
+from conftest import make_char_tokenizer, make_policy, make_tiny_lm, save_tiny_model
 
 from gfnlm.cli import main
 from gfnlm.metrics import BertScore, bleu4, gleu4, sacrebleu4
@@ -92,7 +92,8 @@ def test_the_reward_of_every_prefix_is_the_story_read_in_order(tokenizer, storie
     prompt = tokenizer(query.prompt)["input_ids"]
     z = tokenizer(" ab ba", add_special_tokens=False)["input_ids"]
     traj = Trajectories.from_records([TrajectoryRecord(query, prompt, z, [True] * len(z))], tokenizer.pad_token_id)
-    log_r = task.reward(model)(traj)  # [1, len(z) + 1]
+    policy = make_policy(model, tokenizer, task.action_space())
+    log_r = task.reward(policy)(traj)  # [1, len(z) + 1]
     x = tokenizer(story.beginning)["input_ids"]
     for i in range(len(z) + 1):
         text_ids = x + z[:i] + tokenizer(f". {story.ending}", add_special_tokens=False)["input_ids"]
@@ -100,7 +101,7 @@ def test_the_reward_of_every_prefix_is_the_story_read_in_order(tokenizer, storie
             log_p = model(torch.tensor([text_ids])).logits[0].log_softmax(-1)
         expected = sum(float(log_p[k - 1, text_ids[k]]) for k in range(len(x), len(text_ids)))
         assert float(log_r[0, i]) == pytest.approx(expected, abs=1e-4)
-    assert float(task.reward(model).terminal(traj)[0]) == pytest.approx(expected, abs=1e-4)  # buffer seeding
+    assert float(task.reward(policy).terminal(traj)[0]) == pytest.approx(expected, abs=1e-4)  # buffer seeding
 
 
 def test_bleu_gleu_and_bertscore_on_hand_made_pairs(stories_file, tokenizer):

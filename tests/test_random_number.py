@@ -4,7 +4,7 @@ import math
 
 import pytest
 import torch
-from conftest import make_tiny_lm
+from conftest import make_policy, make_tiny_lm, needs_native_bf16
 
 from gfnlm.tasks.random_number import RandomNumberOptions, RandomNumberTask, target_distribution
 
@@ -14,8 +14,10 @@ def task(tokenizer):
     return RandomNumberTask(RandomNumberOptions(prompt="7+", low=0, high=20, max_len=3, eval_batch_size=1000), tokenizer)
 
 
-def test_exact_evaluation_agrees_with_sampling(task):
-    model = make_tiny_lm(seed=5)
+@pytest.mark.parametrize("precision", ["no", pytest.param("bf16", marks=needs_native_bf16)])
+def test_exact_evaluation_agrees_with_sampling(task, precision):
+    """The exact distribution is the one the policy samples from, in its own precision."""
+    model = make_policy(make_tiny_lm(seed=5), task.tokenizer, task.action_space(), precision=precision)
     probs, valid_mass = task.exact_distribution(model)
     assert 0.01 < valid_mass < 1.0 and valid_mass == pytest.approx(sum(probs))
     n = 6000

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from conftest import make_policy
 
 from gfnlm.reference import per_prefix_log_likelihoods
 from gfnlm.rewards import (
@@ -15,7 +16,13 @@ from gfnlm.rewards import (
     terminal_log_rewards,
     terminal_values,
 )
-from gfnlm.trajectories import Query, TrajectoryRecord, Trajectories
+from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
+
+SPACE = ActionSpace(stop_token_ids=(2,), max_len=8)
+
+
+def policy_of(model, tokenizer):
+    return make_policy(model, tokenizer, SPACE)
 
 RECORDS = [
     # with tool-inserted tokens (False) after the third action
@@ -47,16 +54,16 @@ def test_suffix_reward_matches_per_prefix_passes(tiny_lm, tokenizer, batch):
     for b, n in enumerate(batch.lengths.tolist()):
         torch.testing.assert_close(fast[b, : n + 1], slow[b, : n + 1], atol=1e-4, rtol=1e-5)
     # the reward objects agree with the function and validate their output
-    reward = LMSuffixReward(tiny_lm, tokenizer)(batch)
+    reward = LMSuffixReward(policy_of(tiny_lm, tokenizer))(batch)
     torch.testing.assert_close(reward[0, :5], fast[0, :5])
     prior = lm_prefix_log_likelihoods(tiny_lm, batch)
     for w, v in ((0.0, 1.0), (0.5, 1.0), (1.0, 3.0)):  # w log p(s_i | X) + v log p(Y | X s_i), one pass
-        weighted = LMSuffixReward(tiny_lm, tokenizer, prior_weight=w, likelihood_weight=v)(batch)
+        weighted = LMSuffixReward(policy_of(tiny_lm, tokenizer), prior_weight=w, likelihood_weight=v)(batch)
         for b, n in enumerate(batch.lengths.tolist()):
             expected = w * prior[b, : n + 1] + v * (fast - prior)[b, : n + 1]
             torch.testing.assert_close(weighted[b, : n + 1], expected, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="non-negative"):
-        LMSuffixReward(tiny_lm, tokenizer, likelihood_weight=-1.0)
+        LMSuffixReward(policy_of(tiny_lm, tokenizer), likelihood_weight=-1.0)
 
 
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (0.5, 3.0)])
@@ -66,12 +73,12 @@ def test_terminal_suffix_reward_equals_the_full_rewards_last_state(tiny_lm, toke
     from gfnlm.context import SharedContext
 
     for context in (None, SharedContext(tiny_lm, tokenizer, "12+3")):
-        reward = LMSuffixReward(tiny_lm, tokenizer, prior_weight=weights[0], likelihood_weight=weights[1],
+        reward = LMSuffixReward(policy_of(tiny_lm, tokenizer), prior_weight=weights[0], likelihood_weight=weights[1],
                                 context=context)
         full = terminal_values(reward(batch), batch)  # [B]
         torch.testing.assert_close(reward.terminal(batch), full, atol=1e-4, rtol=1e-5)
         torch.testing.assert_close(terminal_log_rewards(reward, batch), full, atol=1e-4, rtol=1e-5)
-    stop = LMStopReward(tiny_lm, tokenizer, stop_token_ids=[2])  # no terminal method: called in full, read at the end
+    stop = LMStopReward(policy_of(tiny_lm, tokenizer))  # no terminal method: called in full, read at the end
     torch.testing.assert_close(terminal_log_rewards(stop, batch), terminal_values(stop(batch), batch))
 
 
@@ -93,25 +100,25 @@ def test_lm_reward_built_before_lora_keeps_scoring_with_the_base_model(tiny_lm, 
     wraps it (the CLI's order) must score with the base weights however far the adapter has moved, and
     leave the adapter on and trainable afterwards."""
     from gfnlm.config import TrainConfig
-    from gfnlm.trainer import apply_lora
 
     suffixes = [tokenizer(q.target, add_special_tokens=False)["input_ids"] for q in batch.queries]
-    reward = LMSuffixReward(tiny_lm, tokenizer)
+    policy = policy_of(tiny_lm, tokenizer)
+    reward = LMSuffixReward(policy)
     base = reward(batch)
-    policy = apply_lora(tiny_lm, TrainConfig(lora_rank=4))
+    policy.add_adapter(TrainConfig(lora_rank=4))
     with torch.no_grad():
-        for name, param in policy.named_parameters():
+        for name, param in policy.model.named_parameters():
             if "lora_B" in name:  # a trained adapter: B is no longer zero
                 param.normal_(std=1.0)
         adapted = lm_prefix_log_likelihoods(tiny_lm, batch, suffix_ids=suffixes)
     assert (adapted - base).abs().max() > 0.1  # the adapter changes the plain model's scores
     torch.testing.assert_close(reward(batch), base)
     torch.testing.assert_close(lm_prefix_log_likelihoods(tiny_lm, batch, suffix_ids=suffixes), adapted)
-    assert all(p.requires_grad for n, p in policy.named_parameters() if "lora_" in n)
+    assert all(p.requires_grad for n, p in policy.model.named_parameters() if "lora_" in n)
 
 
 def test_stop_reward_object(tiny_lm, tokenizer, batch):
-    reward = LMStopReward(tiny_lm, tokenizer, stop_token_ids=[2])(batch)
+    reward = LMStopReward(policy_of(tiny_lm, tokenizer))(batch)
     assert reward.shape == (len(RECORDS), 5)
     assert torch.isfinite(reward[0]).all() and (reward[0] < 0).all()
 
@@ -119,7 +126,7 @@ def test_stop_reward_object(tiny_lm, tokenizer, batch):
 def test_suffix_reward_needs_a_target(tiny_lm, tokenizer):
     batch = Trajectories.from_records([TrajectoryRecord(Query("1"), [1, 4], [5], [True])], pad_token_id=0)
     with pytest.raises(RewardError, match="target"):
-        LMSuffixReward(tiny_lm, tokenizer)(batch)
+        LMSuffixReward(policy_of(tiny_lm, tokenizer))(batch)
 
 
 def test_text_reward_sees_every_prefix(tokenizer, batch):

@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from gfnlm.sampling import sample, text_records
+from conftest import make_policy
+
+from gfnlm.sampling import Tool, text_records
 from gfnlm.scoring import score_policy, terminal_log_prob
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
@@ -27,8 +29,8 @@ def double_plus_tool(query, generated):
 def test_scorer_equals_log_probs_seen_while_sampling(tiny_lm, tokenizer, temperature, with_tool):
     space = ActionSpace(stop_token_ids=(STOP,), max_len=6, min_len=1, allowed_token_ids=DIGITS + (PLUS,))
     g = torch.Generator().manual_seed(0)
-    traj = sample(tiny_lm, tokenizer, queries(12), space, temperature=temperature, generator=g,
-                  tool=double_plus_tool if with_tool else None)
+    policy = make_policy(tiny_lm, tokenizer, space, double_plus_tool if with_tool else None)
+    traj = policy.sample(queries(12), temperature, g)
     log_pf, log_pterm = score_policy(tiny_lm, traj, space)
     lengths = traj.lengths
     valid_pf = torch.arange(log_pf.shape[1])[None] < lengths[:, None]
@@ -41,7 +43,7 @@ def test_scorer_equals_log_probs_seen_while_sampling(tiny_lm, tokenizer, tempera
 
 def test_stop_rules_and_token_mask(tiny_lm, tokenizer):
     space = ActionSpace(stop_token_ids=(STOP,), max_len=4, min_len=2, allowed_token_ids=(3, 4))
-    traj = sample(tiny_lm, tokenizer, queries(64), space, temperature=2.0, generator=torch.Generator().manual_seed(1))
+    traj = make_policy(tiny_lm, tokenizer, space).sample(queries(64), 2.0, torch.Generator().manual_seed(1))
     lengths = traj.lengths
     assert lengths.min() >= 2 and lengths.max() <= 4
     assert (lengths == 4).any() and (lengths < 4).any()
@@ -78,7 +80,7 @@ def test_score_is_padding_invariant(tiny_lm, tokenizer):
 def test_empirical_frequencies_match_policy_probabilities(tiny_lm, tokenizer):
     space = ActionSpace(stop_token_ids=(STOP,), max_len=2, allowed_token_ids=(3, 4))
     n = 4000
-    traj = sample(tiny_lm, tokenizer, [Query("5")] * n, space, generator=torch.Generator().manual_seed(2))
+    traj = make_policy(tiny_lm, tokenizer, space).sample([Query("5")] * n, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         log_q = terminal_log_prob(*score_policy(tiny_lm, traj, space), traj.lengths)
     texts = traj.generated_texts(tokenizer)
@@ -92,11 +94,12 @@ def test_bad_sampling_arguments(tiny_lm, tokenizer):
     with pytest.raises(ValueError, match="min_len"):
         ActionSpace(stop_token_ids=(STOP,), max_len=2, min_len=3)
     space = ActionSpace(stop_token_ids=(STOP,), max_len=2)
+    policy = make_policy(tiny_lm, tokenizer, space)
     with pytest.raises(ValueError, match="temperature"):
-        sample(tiny_lm, tokenizer, queries(2), space, temperature=-1.0)
+        policy.sample(queries(2), temperature=-1.0)
     tokenizer.pad_token = None
     with pytest.raises(ValueError, match="pad token"):
-        sample(tiny_lm, tokenizer, queries(2), space)
+        policy.sample(queries(2))
 
 
 def test_draw_tokens_follows_the_probabilities_and_skips_zeros():
@@ -144,8 +147,8 @@ def test_static_cache_samples_the_same_tokens_with_the_same_log_probs(tiny_lm, t
     seeded sampling agree token for token, with a tool whose insertions outgrow the first buffers."""
     space = ActionSpace(stop_token_ids=(STOP,), max_len=6, min_len=1, allowed_token_ids=DIGITS + (PLUS,))
     chatty_tool = lambda query, generated: [14, 14]  # noqa: E731  (after every action: 3 columns per action)
-    runs = [sample(tiny_lm, tokenizer, queries(12), space, temperature=temperature, tool=chatty_tool,
-                   generator=torch.Generator().manual_seed(3), static_cache=static) for static in (False, True)]
+    runs = [make_policy(tiny_lm, tokenizer, space, chatty_tool, static_cache=static).sample(
+        queries(12), temperature, torch.Generator().manual_seed(3)) for static in (False, True)]
     growing, static = runs
     assert torch.equal(growing.input_ids, static.input_ids) and torch.equal(growing.is_action, static.is_action)
     assert growing.lengths.max() >= 2, "the insertions must outgrow the first buffers (room for max_len + 1)"
@@ -168,9 +171,56 @@ def test_static_cache_on_a_sliding_window_model(tokenizer):
 
     space = ActionSpace(stop_token_ids=(STOP,), max_len=6, min_len=1, allowed_token_ids=DIGITS)
     model = tiny_gemma(window=32)
-    growing, static = [sample(model, tokenizer, queries(6), space, temperature=1.0, static_cache=s,
-                              generator=torch.Generator().manual_seed(4)) for s in (False, True)]
+    growing, static = [make_policy(model, tokenizer, space, static_cache=s).sample(
+        queries(6), 1.0, torch.Generator().manual_seed(4)) for s in (False, True)]
     assert torch.equal(growing.input_ids, static.input_ids)
     torch.testing.assert_close(static.sampling_log_pf, growing.sampling_log_pf, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="sliding window \\(4 tokens\\)"):
-        sample(tiny_gemma(window=4), tokenizer, queries(6), space, static_cache=True)
+        make_policy(tiny_gemma(window=4), tokenizer, space, static_cache=True).sample(queries(6))
+
+
+def test_a_restricted_space_scores_with_the_head_rows_of_its_tokens_only(tiny_lm, tokenizer):
+    """A space of a few tokens multiplies only their rows of the output head; the log-probs are those of the
+    whole head restricted to the space, and a disallowed action gets -inf."""
+    from gfnlm.scoring import PolicyHead
+
+    space = ActionSpace(stop_token_ids=(STOP,), max_len=4, allowed_token_ids=(3, 4, 5))
+    layout = space.layout(len(tokenizer), "cpu")
+    head = PolicyHead(tiny_lm, layout)
+    assert head.rows is not None and head.rows[0].shape[0] == layout.width == 4
+    hidden = torch.randn(6, tiny_lm.config.hidden_size)
+    whole = tiny_lm.get_output_embeddings()(hidden)
+    torch.testing.assert_close(head(hidden), whole[:, [2, 3, 4, 5]])
+    log_probs = space.policy_log_probs(whole, torch.tensor([0, 1, 2, 3, 4, 4]))
+    assert torch.isinf(log_probs[:, 6:]).all() and (log_probs[4:, STOP] == 0).all()
+    torch.testing.assert_close(log_probs[:4, [2, 3, 4, 5]], whole[:4, [2, 3, 4, 5]].log_softmax(-1))
+    records = [TrajectoryRecord(Query("1"), [1, 4], [3, 9], [True, True])]  # 9 is not in the space
+    log_pf, _ = score_policy(tiny_lm, Trajectories.from_records(records, pad_token_id=0), space)
+    assert torch.isfinite(log_pf[0, 0]) and log_pf[0, 1] == float("-inf")
+
+
+class PlusTool(Tool):
+    """``double_plus_tool`` as a Tool that says only "+" can trigger it, counting the rows it is asked about."""
+
+    def __init__(self):
+        self.asked = 0
+
+    def triggers(self, token_ids):
+        return [t == PLUS for t in token_ids]
+
+    def __call__(self, query, generated):
+        self.asked += 1
+        return double_plus_tool(query, generated)
+
+
+def test_a_tool_is_asked_only_after_its_trigger_tokens(tiny_lm, tokenizer):
+    space = ActionSpace(stop_token_ids=(STOP,), max_len=6, min_len=1, allowed_token_ids=DIGITS + (PLUS,))
+    asked_always = []
+    counting = lambda query, generated: asked_always.append(1) or double_plus_tool(query, generated)  # noqa: E731
+    tool = PlusTool()
+    every, triggered = [make_policy(tiny_lm, tokenizer, space, t).sample(queries(16), 1.5, torch.Generator().manual_seed(5))
+                        for t in (counting, tool)]
+    assert torch.equal(every.input_ids, triggered.input_ids) and torch.equal(every.is_action, triggered.is_action)
+    pluses = int((triggered.input_ids[triggered.is_action] == PLUS).sum())
+    assert pluses > 0 and tool.asked == pluses  # once per "+" written, not once per action
+    assert len(asked_always) == int(triggered.lengths.sum())

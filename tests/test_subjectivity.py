@@ -8,12 +8,12 @@ import string
 
 import pytest
 import torch
-from conftest import DEVICES, make_char_tokenizer, make_tiny_lm
+from conftest import DEVICES, make_char_tokenizer, make_policy, make_tiny_lm
 from peft import LoraConfig, get_peft_model
 
 from gfnlm.cli import main
 from gfnlm.rewards import lm_prefix_log_likelihoods
-from gfnlm.sampling import encode_prompts, sample
+from gfnlm.sampling import encode_prompts
 from gfnlm.tasks.subjectivity import (
     INVERSE_PROMPT,
     Review,
@@ -46,6 +46,10 @@ def data_dir(tmp_path):
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "train.10.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
     return folder
+
+
+def policy_of(task, model):
+    return make_policy(model, task.tokenizer, task.action_space())
 
 
 def _task(data_dir, **options) -> SubjectivityTask:
@@ -161,8 +165,8 @@ def test_reward_likelihood_weight_scales_only_the_labels_likelihood(data_dir):
         ids = tok(z, add_special_tokens=False)["input_ids"]
         records.append(TrajectoryRecord(query, encode_prompts(tok, [query])[0], ids, [True] * len(ids)))
     traj = Trajectories.from_records(records, 0)
-    joint = task.reward(model)(traj)
-    weighted = _task(data_dir, reward_likelihood_weight=3.0).reward(model)(traj)
+    joint = task.reward(policy_of(task, model))(traj)
+    weighted = _task(data_dir, reward_likelihood_weight=3.0).reward(policy_of(task, model))(traj)
     prior = lm_prefix_log_likelihoods(model, traj)
     for b, n in enumerate(traj.lengths.tolist()):
         likelihood = (joint - prior)[b, : n + 1]
@@ -180,7 +184,7 @@ def test_vote_is_the_majority_and_ties_go_to_the_log_odds():
 
 def test_evaluate_writes_predictions_and_top_rationales(data_dir, tmp_path):
     task, model = _task(data_dir), _lm()
-    result = task.evaluate(model, tmp_path, "tiny")
+    result = task.evaluate(policy_of(task, model), tmp_path, "tiny")
     rows = [json.loads(line) for line in (tmp_path / "predictions.jsonl").read_text().splitlines()]
     assert result["n_reviews"] == len(rows) == 8
     assert result["accuracy"] == sum(r["correct"] for r in rows) / 8
@@ -198,11 +202,11 @@ def test_evaluate_writes_predictions_and_top_rationales(data_dir, tmp_path):
 
 def test_inverse_prompting_seeds_records_for_the_policy_prompt(data_dir):
     task, model, tok = _task(data_dir), _lm(), _tokenizer()
-    records = task.seed_records(model, torch.Generator().manual_seed(5))
+    records = task.seed_records(policy_of(task, model), torch.Generator().manual_seed(5))
     assert len(records) == 10 * 2
     # the rationales are the base model's continuations of the inverse prompt (same draws) ...
     inverse = [Query(INVERSE_PROMPT.format(text=r.text, label=r.label_text)) for r in task.train for _ in range(2)]
-    expected = sample(model, tok, inverse, task.action_space(), 1.0, torch.Generator().manual_seed(5)).records()
+    expected = policy_of(task, model).sample(inverse, 1.0, torch.Generator().manual_seed(5)).records()
     assert [r.generated_ids for r in records] == [e.generated_ids for e in expected]
     # ... put behind the policy's own prompt, with the review's label as the target Y
     allowed = set(task.allowed_ids)
@@ -211,7 +215,7 @@ def test_inverse_prompting_seeds_records_for_the_policy_prompt(data_dir):
         assert record.query == task.query(review) and record.query.target.endswith(f"{review.label_text}.")
         assert record.prompt_ids == encode_prompts(tok, [record.query])[0]
         assert 1 <= len(record.generated_ids) <= 3 and set(record.generated_ids) <= allowed
-    assert _task(data_dir, seed_buffer=False).seed_records(model, torch.Generator()) == []
+    assert _task(data_dir, seed_buffer=False).seed_records(policy_of(task, model), torch.Generator()) == []
 
 
 def _lora(model, seed: int):
@@ -252,11 +256,11 @@ def test_m_step_samples_the_e_step_policy_and_em_evaluation_uses_both_adapters(d
 
     em = get_peft_model(_lm(), LoraConfig(r=2, target_modules="all-linear"))  # the M-step's fresh adapter
     trainable = {n for n, p in em.named_parameters() if p.requires_grad}
-    task.prepare_m_step(em, torch.Generator().manual_seed(3))
+    task.prepare_m_step(make_policy(em, tok, task.lm_space()), torch.Generator().manual_seed(3))
     assert set(em.peft_config) == {"default"} and {n for n, p in em.named_parameters() if p.requires_grad} == trainable
     # the rationales are the E-step policy's samples (same draws), followed by ", so it is <label>"
     queries = [task.query(r) for r in task.train for _ in range(2)]
-    expected = sample(e_step, tok, queries, task.action_space(), 1.0, torch.Generator().manual_seed(3)).records()
+    expected = policy_of(task, e_step).sample(queries, 1.0, torch.Generator().manual_seed(3)).records()
     records = task._sft_records
     space = task.lm_space()
     for record, policy_record in zip(records, expected, strict=True):
@@ -274,7 +278,7 @@ def test_m_step_samples_the_e_step_policy_and_em_evaluation_uses_both_adapters(d
     with m_step.disable_adapter():
         assert not torch.allclose(answers, _logits(m_step, ids))  # not the base model
     torch.testing.assert_close(answers, _logits(_lora(_lm(), seed=2), ids))
-    assert task.evaluate(m_step, None, "em")["n_reviews"] == 8
+    assert task.evaluate(policy_of(task, m_step), None, "em")["n_reviews"] == 8
 
 
 @pytest.mark.parametrize("device", DEVICES)

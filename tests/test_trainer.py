@@ -9,6 +9,7 @@ from test_exactness import ALLOWED, QUERY, STOP, TableReward
 
 from gfnlm.config import TrainConfig
 from gfnlm.modes import eval_mode
+from gfnlm.policy import Policy
 from gfnlm.rewards import RewardError
 from gfnlm.scoring import score_policy, terminal_log_prob
 from gfnlm.trainer import TIMING_KEYS, GFlowNetTrainer, TrainingDiverged, logged_training_minutes, read_logged_metrics
@@ -22,8 +23,9 @@ def make_trainer(tokenizer, output_dir=None, reward=None, **overrides):
     settings = dict(steps=6, queries_per_step=2, samples_per_query=4, lr=1e-3, lora_rank=4, lora_dropout=0.1,
                     save_every=2, device="cpu", progress=False, p_replay=0.3, p_tempered=0.4)
     settings.update(overrides)
-    return GFlowNetTrainer(make_tiny_lm(), tokenizer, reward or TableReward(0), QUERIES, SPACE,
-                           TrainConfig(**settings), output_dir=output_dir)
+    config = TrainConfig(**settings)
+    policy = Policy.from_config(make_tiny_lm(), tokenizer, SPACE, config)  # the default precision unless overridden
+    return GFlowNetTrainer(policy, reward or TableReward(0), QUERIES, config, output_dir=output_dir)
 
 
 def read_metrics(path):

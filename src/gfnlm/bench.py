@@ -24,17 +24,17 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Literal
 
 import torch
 
-from gfnlm.config import TrainConfig, setting
+from gfnlm.config import ConfigError, TrainConfig, setting
 from gfnlm.decoding import TokenCounter
 from gfnlm.losses import modified_subtb_loss
 from gfnlm.modes import adapter_disabled, eval_mode
 from gfnlm.reference import per_prefix_suffix_rewards, sample_with_grad
 from gfnlm.rewards import LMSuffixReward
-from gfnlm.sampling import encode_prompts, sample
+from gfnlm.sampling import encode_prompts
 from gfnlm.trainer import GFlowNetTrainer, MicroBatch
 from gfnlm.trajectories import Query
 
@@ -59,6 +59,10 @@ class BenchSettings:
         "cache its memory grows as T^2: 8 arithmetic samples at T = 40 took more than 23 GB)."
     )
     lora_rank: int = setting(8, "LoRA rank of the policy.")
+    mixed_precision: str = setting(
+        "auto", "Precision of our step (TrainConfig.mixed_precision). The comparison with the reference path runs in "
+                "float32 on both sides, so auto is no while reference_repeats > 0.")
+    compile: bool | Literal["auto"] = setting("auto", "Our sampler's compiled decoding step (TrainConfig.compile).")
     static_cache: bool = setting(False, "Our sampler with the preallocated KV cache (TrainConfig.static_cache).")
     device: str = setting("auto", "cpu, cuda or auto.")
     seed: int = setting(0, "Seed of the sampled trajectories.")
@@ -224,7 +228,7 @@ class StepPaths:
         self.generator = torch.Generator().manual_seed(seed)
         reward = trainer.reward
         self.context_ids = list(reward.context.ids) if reward.context is not None else []
-        tok = trainer.tokenizer
+        tok = trainer.policy.tokenizer
         self.suffix_ids = {q.key: tok(reward.suffix(q), add_special_tokens=False)["input_ids"] for q in queries}
         self.prompt_ids = dict(zip((q.key for q in queries), encode_prompts(tok, queries)))
 
@@ -233,9 +237,7 @@ class StepPaths:
 
     # ours
     def sample(self):
-        t = self.trainer
-        return sample(t.model, t.tokenizer, self.rows(), t.space, generator=self.generator, tool=t.tool,
-                      static_cache=t.config.static_cache)
+        return self.trainer.policy.sample(self.rows(), generator=self.generator)
 
     def loss(self, traj, log_r) -> torch.Tensor:
         return self.trainer.loss(MicroBatch(traj, log_r, torch.ones(len(traj), dtype=torch.bool)), 1.0)
@@ -253,7 +255,7 @@ class StepPaths:
         """log P_F, log P_⊤, log R, lengths and log Z of ``samples`` trajectories of one query, the paper's way."""
         t = self.trainer
         records, log_pf, log_pterm = sample_with_grad(
-            t.model, self.prompt_ids[query.key], self.samples, t.space, t.tool, query, self.generator, forced)
+            t.model, self.prompt_ids[query.key], self.samples, t.space, t.policy.tool, query, self.generator, forced)
         with adapter_disabled(t.model), eval_mode(t.model):
             log_r = per_prefix_suffix_rewards(t.model, records, self.suffix_ids[query.key], self.context_ids)
         lengths = torch.tensor([sum(r.is_action) for r in records], device=log_pf.device)
@@ -312,29 +314,34 @@ def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> d
     if settings.processes:
         return run_process_scaling(settings, echo)
     from gfnlm.models import load_model_and_tokenizer
+    from gfnlm.policy import Policy, resolve_device
     from gfnlm.tasks import get_task
-    from gfnlm.trainer import resolve_device
 
     s = settings
     device = resolve_device(s.device)
+    if s.reference_repeats > 0 and s.mixed_precision not in ("auto", "no"):
+        raise ConfigError("the comparison with the reference path runs in float32 on both sides: use "
+                          "--mixed_precision no (or auto), or --reference_repeats 0 to time our step alone")
+    precision = "no" if s.reference_repeats > 0 else s.mixed_precision
     model, tokenizer = load_model_and_tokenizer(s.model, device=device)
     task_cls = get_task(s.task)
     task = task_cls(task_cls.Options(max_len=s.max_len), tokenizer)
     config = TrainConfig(queries_per_step=s.queries, samples_per_query=s.samples, p_replay=0.0, p_tempered=0.0,
                          lora_rank=s.lora_rank, lora_alpha=2 * s.lora_rank, device=str(device), progress=False,
-                         seed=s.seed, static_cache=s.static_cache)
+                         seed=s.seed, mixed_precision=precision, static_cache=s.static_cache, compile=s.compile)
     space = task.action_space()
     if s.fixed_length:
         space = replace(space, min_len=space.max_len)
-    trainer = GFlowNetTrainer(model, tokenizer, task.reward(model), task.train_queries(), space, config, task.tool())
+    policy = Policy.from_config(model, tokenizer, space, config, task.tool())
+    trainer = GFlowNetTrainer(policy, task.reward(policy), task.train_queries(), config)
     queries = trainer.queries[: s.queries]
     paths = StepPaths(trainer, queries, s.samples, s.seed)
     n_params = sum(p.numel() for p in trainer.model.parameters())
-    dtype = next(trainer.model.parameters()).dtype
-    echo(f"gfnlm bench: task {s.task}, model {s.model} on {_device_name(device)}; {s.queries} queries x "
-         f"{s.samples} samples, max {s.max_len} rationale tokens")
+    echo(f"gfnlm bench: task {s.task}, model {s.model} on {_device_name(device)}, {_precision_name(policy)}; "
+         f"{s.queries} queries x {s.samples} samples, max {s.max_len} rationale tokens")
 
-    results: dict = {"settings": asdict(s), "device": _device_name(device)}
+    results: dict = {"settings": asdict(s), "device": _device_name(device), "precision": policy.precision,
+                     "compiled": policy.compile, "static_cache": policy.static_cache}
     if s.reference_repeats > 0:
         echo("computing the loss both ways on the same trajectories; the reference takes one query at a time, "
              "so this is the slowest part ...")
@@ -350,6 +357,7 @@ def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> d
     results["mean_generated_tokens"] = tokens / len(traj)
 
     timings["sampling"] = time_it(paths.sample, s.warmup, s.repeats, device)
+    inside = model_forward_share(paths.sample, policy, device)
     timings["reward"] = time_it(lambda: trainer.reward(traj), s.warmup, s.repeats, device)
 
     def forward_backward() -> None:
@@ -370,10 +378,13 @@ def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> d
         "reward_prefixes_per_s": prefixes / timings["reward"].median,
         "peak_memory_mb": memory,
         "step_flop": fast_flops,
+        "sampling_outside_model_share": 1.0 - inside,
         **{f"{k}_s": t.median for k, t in timings.items()},
     }
     echo(_table(timings, tokens, prefixes))
+    echo(f"sampling: {100 * (1 - inside):.0f}% of its time outside the decoder's forward passes")
 
+    dtype = policy.dtype
     peak = matmul_peak_gflops(device, dtype)
     achieved = fast_flops / timings["step"].median / 1e9
     results["matmul_peak_gflops"] = peak
@@ -419,6 +430,36 @@ def _table(timings: dict[str, Timing], tokens: int, prefixes: int) -> str:
     for name, t in timings.items():
         rows.append(f"{name:<24}{t.median:>10.3f}  {t.spread():<16}{rates.get(name, '')}")
     return "\n".join(rows)
+
+
+def _precision_name(policy) -> str:
+    weights = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[policy.precision]
+    decoding = "compiled decoding" if policy.compile else ("static KV cache" if policy.static_cache else "eager decoding")
+    return f"{weights} weights, {decoding}"
+
+
+def model_forward_share(fn: Callable[[], object], policy, device: torch.device) -> float:
+    """The share of one call of ``fn`` (a sampling call) spent inside the decoder body's forward passes, the
+    prompts' included; the rest is the sampler's own work (the head, the action space, draws, bookkeeping)."""
+    from gfnlm.scoring import split_model
+
+    body, inside, started = split_model(policy.model)[0], [0.0], [0.0]
+
+    def enter(*_) -> None:
+        _sync(device)
+        started[0] = time.perf_counter()
+
+    def leave(*_) -> None:
+        _sync(device)
+        inside[0] += time.perf_counter() - started[0]
+
+    handles = [body.register_forward_pre_hook(enter), body.register_forward_hook(leave)]
+    try:
+        seconds = time_it(fn, 0, 1, device).median
+    finally:
+        for handle in handles:
+            handle.remove()
+    return inside[0] / seconds
 
 
 def _device_name(device: torch.device) -> str:
@@ -503,10 +544,8 @@ def scaling_worker(settings: BenchSettings, out: Path) -> None:
     task = task_cls(task_cls.Options(max_len=s.max_len), tokenizer)
     config = TrainConfig(steps=s.process_steps, queries_per_step=s.queries, samples_per_query=s.samples,
                          lora_rank=s.lora_rank, lora_alpha=2 * s.lora_rank, device="cpu", progress=False, seed=s.seed,
-                         save_every=10**6)
-    trainer = GFlowNetTrainer(model, tokenizer, task.reward(model), task.train_queries(), task.action_space(), config,
-                              task.tool(), output_dir=out)
-    trainer.train()
+                         save_every=10**6, mixed_precision=s.mixed_precision, compile=s.compile)
+    task.trainer("gfn", task.policy(model, config), config, None, out).train()
 
 
 def scaling_table(files: list[Path]) -> str:

@@ -79,18 +79,18 @@ def resolve_settings(args: argparse.Namespace, overrides: list[str], saved: dict
     return RunSettings(model, task, method, train, options, ppo)
 
 
-def load_task_and_model(run: RunSettings, adapter: str | None = None):
-    """The run's task and its base model (``Task.prepare_base_model``) on the run's device, with the
-    adapter of a run directory or peft folder applied (kept unmerged: tasks whose evaluation also
-    runs the base model switch it off)."""
+def load_task_and_policy(run: RunSettings, adapter: str | None = None):
+    """The run's task and its policy: the base model (``Task.prepare_base_model``) with the adapter of a run
+    directory or peft folder applied (kept unmerged: tasks whose evaluation also runs the base model
+    switch it off), on the run's device, in its precision."""
     from gfnlm.models import load_adapter, load_model_and_tokenizer
+    from gfnlm.policy import resolve_device
     from gfnlm.tasks import get_task
-    from gfnlm.trainer import resolve_device
 
     model, tokenizer = load_model_and_tokenizer(run.model, device=resolve_device(run.train.device))
     task = get_task(run.task)(run.options, tokenizer)  # bad input fails here, before anything is written
     model = task.prepare_base_model(model)
-    return task, (load_adapter(model, adapter) if adapter is not None else model)
+    return task, task.policy(load_adapter(model, adapter) if adapter is not None else model, run.train)
 
 
 def write_json(path: Path, data: dict) -> None:
@@ -104,8 +104,8 @@ def train_and_evaluate(run: RunSettings, output_dir: Path, resume: bool, label: 
 
     Under ``torchrun`` / ``accelerate launch`` every process trains; rank 0 alone writes and evaluates
     (the others return None)."""
-    task, model = load_task_and_model(run)
-    trainer = task.trainer(run.method, model, run.train, run.ppo, output_dir)
+    task, policy = load_task_and_policy(run)
+    trainer = task.trainer(run.method, policy, run.train, run.ppo, output_dir)
     if trainer.ranks.writes:
         output_dir.mkdir(parents=True, exist_ok=True)
         (output_dir / "config.yaml").write_text(yaml.safe_dump(run.as_dict(), sort_keys=False))
@@ -114,7 +114,8 @@ def train_and_evaluate(run: RunSettings, output_dir: Path, resume: bool, label: 
     if not trainer.ranks.writes:
         return None
     logger.info("trained %d steps in %.0f s", trainer.step, time.perf_counter() - started)
-    result = task.evaluate(trainer.model, output_dir, label or task.eval_label(run.method, str(output_dir)))
+    evaluated = trainer.policy.with_space(task.action_space(), task.tool())  # a method may train in a space of its own
+    result = task.evaluate(evaluated, output_dir, label or task.eval_label(run.method, str(output_dir)))
     result["train_steps"] = trainer.step
     write_json(output_dir / "eval.json", result)
     task.figures([result], output_dir)
@@ -144,10 +145,10 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     if run.method in get_task(run.task).eval_methods and args.adapter:
         raise ConfigError(f"--method {run.method} evaluates the base model; drop --adapter")
     output_dir = Path(args.output_dir or args.adapter or "eval")
-    task, model = load_task_and_model(run, args.adapter)
+    task, policy = load_task_and_policy(run, args.adapter)
     output_dir.mkdir(parents=True, exist_ok=True)
     label = args.label or task.eval_label(run.method, args.adapter)
-    result = task.evaluate(model, output_dir, label)
+    result = task.evaluate(policy, output_dir, label)
     write_json(output_dir / "eval.json", result)
     task.figures([result], output_dir)
     print(format_table([result], task.summary_keys))
@@ -204,8 +205,8 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     if base_path.is_file():
         base = json.loads(base_path.read_text())
     else:
-        task, model = load_task_and_model(run)
-        base = task.evaluate(model, root / "base", "base model")
+        task, policy = load_task_and_policy(run)
+        base = task.evaluate(policy, root / "base", "base model")
         base_path.parent.mkdir(parents=True, exist_ok=True)
         write_json(base_path, base)
     keys = _summary_keys(run.task)

@@ -91,13 +91,18 @@ class TrainConfig:
     max_nan_steps: int = setting(5, "Stop after this many consecutive non-finite losses (each one skips its update).")
     device: str = setting("auto", "'auto' (CUDA if available), 'cpu', 'cuda', 'cuda:1', ... (under accelerate launch "
                                   "each process takes the device it is given; 'cpu' keeps them all on the CPU)")
-    mixed_precision: Literal["no", "bf16", "fp16"] | None = setting(
-        None, "Autocast sampling, scoring and rewards in bf16 or fp16 (CUDA; bf16 also on a CPU with native bfloat16); "
-              "the losses and log Z stay float32. Refused where the device cannot run it. Default: the launcher's "
-              "(accelerate config), else no.")
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = setting(
+        "auto", "Store the frozen base weights in bf16 or fp16 (CUDA) and compute in it; LoRA weights, log Z, the "
+                "optimizer, the loss and every log-softmax over the vocabulary stay float32. auto: the launcher's "
+                "(accelerate config), else bf16 where the device computes it natively (CUDA, or a CPU with "
+                "AVX512-BF16 / AMX), else no; float32 with lora_rank 0. A precision the device cannot run is refused.")
     static_cache: bool = setting(
         False, "Sample with a preallocated KV cache (transformers' StaticCache): fixed-shape decoding steps for "
                "torch.compile / CUDA graphs, no cache copies as it grows; the same tokens and log-probs.")
+    compile: bool | Literal["auto"] = setting(
+        "auto", "Run the sampler's one-token decoding steps through torch.compile (inductor on the CPU, CUDA graphs "
+                "on a GPU), over a static cache; one compilation per batch size and cache length. auto: on CUDA "
+                "only (on the CPU the compile time outweighed the saving over 200 steps, docs/benchmarks.md).")
     dist_timeout_s: float = setting(
         600.0, "With several processes: how long one waits for the others in a collective before it stops with an "
                "error (a crashed rank must not leave the rest waiting forever).")
@@ -151,7 +156,7 @@ def _coerce(value: Any, annotation: Any, key: str) -> Any:
                 return _coerce(value, option, key)
             except ConfigError as err:
                 errors.append(str(err))
-        raise ConfigError(errors[0] if errors else f"{key}: cannot use {value!r}")
+        raise ConfigError("; or ".join(errors) if errors else f"{key}: cannot use {value!r}")
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices:

@@ -20,28 +20,39 @@ from gfnlm.modes import adapter_disabled, eval_mode
 
 
 class SharedContext:
-    """Token ids of ``text`` and the base model's keys and values for them (batch of one)."""
+    """Token ids of ``text`` and the base model's keys and values for them (batch of one).
+
+    The keys and values are computed on first use and again whenever the model has moved to another
+    device or dtype since (a policy stores its weights in bfloat16, say), so they always match the
+    model that reads them."""
 
     def __init__(self, model, tokenizer, text: str):
         ids = tokenizer(text, add_special_tokens=True)["input_ids"]
         if not ids:
             raise ValueError("a shared context needs at least one token")
         self.text, self.ids = text, list(ids)
-        self.config = model.config
-        device = next(model.parameters()).device
-        with torch.no_grad(), adapter_disabled(model), eval_mode(model):
-            out = model(input_ids=torch.tensor([self.ids], device=device), use_cache=True, logits_to_keep=1)
-        self._layers: list[tuple[Tensor, Tensor]] = [(layer.keys, layer.values) for layer in out.cache.layers]
+        self.model, self.config = model, model.config
+        self._layers: list[tuple[Tensor, Tensor]] = []
+        self._computed_for: tuple[torch.device, torch.dtype] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
+    def _keys_and_values(self) -> list[tuple[Tensor, Tensor]]:
+        weight = self.model.get_input_embeddings().weight
+        if self._computed_for != (weight.device, weight.dtype):
+            with torch.no_grad(), adapter_disabled(self.model), eval_mode(self.model):
+                out = self.model(input_ids=torch.tensor([self.ids], device=weight.device), use_cache=True,
+                                 logits_to_keep=1)
+            self._layers = [(layer.keys, layer.values) for layer in out.cache.layers]
+            self._computed_for = (weight.device, weight.dtype)
+        return self._layers
+
     def cache(self, batch: int, device: torch.device) -> DynamicCache:
         """A fresh cache holding the context for ``batch`` rows on ``device`` (expanded views: no copy
-        until it grows). The model may have moved since the context was computed (e.g. to the GPU)."""
-        if self._layers[0][0].device != torch.device(device):
-            self._layers = [(k.to(device), v.to(device)) for k, v in self._layers]
-        data = [(k.expand(batch, -1, -1, -1), v.expand(batch, -1, -1, -1)) for k, v in self._layers]
+        until it grows)."""
+        data = [(k.to(device).expand(batch, -1, -1, -1), v.to(device).expand(batch, -1, -1, -1))
+                for k, v in self._keys_and_values()]
         return DynamicCache(ddp_cache_data=data, config=self.config)
 
     def mask(self, attention_mask: Tensor) -> Tensor:

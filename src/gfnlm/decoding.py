@@ -5,7 +5,7 @@ every rule draws from the policy of an ``ActionSpace`` (allowed tokens renormali
 before ``min_len``, stop forced at ``max_len``), so its continuations are comparable with the
 GFlowNet's and are scored by the same reward.
 
-* sampling rules go through the one sampler (``gfnlm.sampling.sample``): ``sample`` (temperature 1),
+* sampling rules go through the one sampler (``Policy.sample``): ``sample`` (temperature 1),
   ``tempered`` (temperature T), ``nucleus`` (top-p), ``top-k``, ``greedy`` (temperature 0);
 * ``beam``: transformers' beam search (``generate``, ``length_penalty`` 0, so a hypothesis scores
   its summed log-probability), with the action space as a logits processor;
@@ -19,14 +19,17 @@ GFlowNet's and are scored by the same reward.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Sequence, get_args
+from typing import TYPE_CHECKING, Literal, Sequence, get_args
 
 import torch
 from torch import Tensor
 
 from gfnlm.modes import eval_mode
-from gfnlm.sampling import encode_prompts, require_pad_token, sample
+from gfnlm.sampling import encode_prompts, require_pad_token
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
+
+if TYPE_CHECKING:
+    from gfnlm.policy import Policy
 
 RuleName = Literal["policy", "sample", "tempered", "nucleus", "top-k", "greedy", "beam", "diverse-beam"]
 RULES: tuple[str, ...] = get_args(RuleName)
@@ -94,21 +97,22 @@ class TokenCounter:
         return 2 * n_params * (self.without_grad + 2 * self.with_grad)
 
 
-def decode(model, tokenizer, queries: Sequence[Query], space: ActionSpace, rule: DecodingRule, n: int,
+def decode(policy: Policy, queries: Sequence[Query], rule: DecodingRule, n: int,
            generator: torch.Generator | None = None) -> list[list[TrajectoryRecord]]:
-    """``n`` continuations of each query by ``rule``: one list of records per query, in order."""
+    """``n`` continuations of each query by ``rule`` in the policy's action space: one list of records per
+    query, in order."""
     if n < 1:
         raise ValueError(f"need at least one continuation per query, got {n}")
     if rule.name == "beam":
-        return [beam_search(model, tokenizer, query, space, n, rule.beam_factor * n) for query in queries]
+        return [beam_search(policy, query, n, rule.beam_factor * n) for query in queries]
     if rule.name == "diverse-beam":
-        return [diverse_beam_search(model, tokenizer, query, space, n, groups=n, group_beams=rule.beam_factor,
+        return [diverse_beam_search(policy, query, n, groups=n, group_beams=rule.beam_factor,
                                     diversity_penalty=rule.diversity_penalty) for query in queries]
     temperature = {"tempered": rule.temperature, "greedy": 0.0}.get(rule.name, 1.0)
     top_k = rule.top_k if rule.name == "top-k" else None
     top_p = rule.top_p if rule.name == "nucleus" else None
     rows = [query for query in queries for _ in range(n)]
-    records = sample(model, tokenizer, rows, space, temperature, generator, top_k=top_k, top_p=top_p).records()
+    records = policy.sample(rows, temperature, generator, top_k=top_k, top_p=top_p).records()
     return [records[i * n : (i + 1) * n] for i in range(len(queries))]
 
 
@@ -139,13 +143,14 @@ class _ActionSpaceProcessor:
 
 
 @torch.no_grad()
-def beam_search(model, tokenizer, query: Query, space: ActionSpace, n: int, beams: int) -> list[TrajectoryRecord]:
+def beam_search(policy: Policy, query: Query, n: int, beams: int) -> list[TrajectoryRecord]:
     """The ``n`` best finished hypotheses of ``beams`` beams by summed log-probability (transformers' ``generate``)."""
     from transformers import LogitsProcessorList
 
+    model, tokenizer, space = policy.model, policy.tokenizer, policy.space
     pad_id = require_pad_token(tokenizer)
     prompt = encode_prompts(tokenizer, [query])[0]
-    device = next(model.parameters()).device
+    device = policy.device
     with eval_mode(model):
         out = model.generate(
             input_ids=torch.tensor([prompt], device=device), attention_mask=torch.ones(1, len(prompt), device=device,
@@ -164,7 +169,7 @@ def beam_search(model, tokenizer, query: Query, space: ActionSpace, n: int, beam
 
 
 @torch.no_grad()
-def diverse_beam_search(model, tokenizer, query: Query, space: ActionSpace, n: int, groups: int, group_beams: int,
+def diverse_beam_search(policy: Policy, query: Query, n: int, groups: int, group_beams: int,
                         diversity_penalty: float) -> list[TrajectoryRecord]:
     """Diverse beam search: ``groups`` groups of ``group_beams`` beams; the ``n`` best finished hypotheses.
 
@@ -176,10 +181,10 @@ def diverse_beam_search(model, tokenizer, query: Query, space: ActionSpace, n: i
     beam can beat (scores only fall). All hypotheses are ranked by score; the best ``n`` are returned.
     With one group this is plain beam search.
     """
+    model, tokenizer, space, device = policy.model, policy.tokenizer, policy.space, policy.device
     k = group_beams
     beams = k * groups
     prompt = encode_prompts(tokenizer, [query])[0]
-    device = next(model.parameters()).device
     stops, pad_id = set(space.stop_token_ids), require_pad_token(tokenizer)
     tokens: list[list[int]] = [[] for _ in range(beams)]
     # only the first beam of each group is live at the start, so that a group's beams differ

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from gfnlm.config import ConfigError, TrainConfig
+from gfnlm.config import TrainConfig
 from gfnlm.scoring import score_policy
 from gfnlm.trajectories import ActionSpace, Trajectories
 
@@ -32,45 +32,24 @@ RANK_SEED_STRIDE = 1_000_003
 nearby seeds share a stream)."""
 
 
-def cpu_supports_bf16() -> bool:
-    """Whether this CPU computes bfloat16 natively (AVX512-BF16 or AMX); without it torch emulates it slowly."""
-    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-    return any(check() for check in checks if check is not None)
-
-
-def mixed_precision(config: TrainConfig, device: torch.device) -> str:
-    """The run's precision: ``mixed_precision``, else the launcher's (``accelerate launch`` / its config file sets
-    ACCELERATE_MIXED_PRECISION), else "no". A precision the device cannot run is refused, rather than a
-    float32 run that claims otherwise."""
-    precision = (config.mixed_precision or os.environ.get("ACCELERATE_MIXED_PRECISION", "no")).lower()
-    if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("--mixed_precision fp16 needs a CUDA device; on the CPU use no (or bf16 where supported)")
-    if precision == "bf16" and device.type == "cpu" and not cpu_supports_bf16():
-        raise ConfigError("--mixed_precision bf16: this CPU has no native bfloat16 (AVX512-BF16 or AMX); "
-                          "use --mixed_precision no")
-    if precision == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ConfigError("--mixed_precision bf16: this GPU does not support bfloat16; use fp16 or no")
-    if precision not in ("no", "bf16", "fp16"):
-        raise ConfigError(f"mixed precision must be no, bf16 or fp16, got {precision!r}")
-    return precision
-
-
-def make_accelerator(config: TrainConfig, device: torch.device):
+def make_accelerator(config: TrainConfig, device: torch.device, precision: str):
     """The run's ``Accelerator``: one process, or one of the processes ``accelerate launch`` started.
 
-    Device placement stays ours (a single process honours ``--device``); collectives time out after
-    ``dist_timeout_s``, so that when a rank dies the others stop with an error instead of waiting forever.
+    Device placement stays ours (the policy's device); collectives time out after ``dist_timeout_s``, so
+    that when a rank dies the others stop with an error instead of waiting forever. The policy stores its
+    frozen weights in its precision itself; accelerate's mixed precision is used only for float16, whose
+    gradients need its loss scaler.
     """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
     from accelerate.state import AcceleratorState
 
-    precision = mixed_precision(config, device)
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # one process: each trainer's own settings (device, precision),
         AcceleratorState._reset_state(reset_partial_state=True)  # not those of an earlier trainer in this process
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.dist_timeout_s))
-    return Accelerator(cpu=device.type == "cpu", mixed_precision=precision, device_placement=False,
+    return Accelerator(cpu=device.type == "cpu", mixed_precision="fp16" if precision == "fp16" else "no",
+                       device_placement=False,
                        kwargs_handlers=[timeout])
 
 

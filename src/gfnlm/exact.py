@@ -12,14 +12,17 @@ true for byte-level BPE and SentencePiece vocabularies on ASCII digits.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Hashable
+from typing import TYPE_CHECKING, Callable, Hashable
 
 import torch
 
 from gfnlm.modes import eval_mode
 from gfnlm.sampling import encode_prompts, require_pad_token
 from gfnlm.scoring import final_state_log_probs
-from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
+from gfnlm.trajectories import Query, TrajectoryRecord, Trajectories
+
+if TYPE_CHECKING:
+    from gfnlm.policy import Policy
 
 
 @dataclass
@@ -36,22 +39,22 @@ def token_strings(tokenizer) -> dict[int, str]:
 
 @torch.no_grad()
 def exact_outcome_distribution(
-    model,
-    tokenizer,
+    policy: Policy,
     query: Query,
-    space: ActionSpace,
     is_valid_prefix: Callable[[str], bool],
     outcome: Callable[[str], Hashable | None],
     vocabulary: dict[int, str] | None = None,
     batch_size: int = 256,
 ) -> OutcomeDistribution:
-    """Probability of each outcome under the sampler at temperature 1 (``space``'s rules applied).
+    """Probability of each outcome under ``policy`` sampling at temperature 1 (its action space's rules applied),
+    in its own precision: the distribution its samples follow. Log-softmax and sums over tokens in float32.
 
     ``is_valid_prefix(text)`` says whether ``text`` can still grow into a valid output;
     ``outcome(text)`` maps a complete valid output to its outcome (None if invalid).
     ``vocabulary`` restricts the tokens tried (default: every token; pass ``token_strings``
     filtered to the relevant characters to save time on large vocabularies).
     """
+    model, tokenizer, space = policy.model, policy.tokenizer, policy.space
     pad_id = require_pad_token(tokenizer)
     vocabulary = vocabulary if vocabulary is not None else token_strings(tokenizer)
     if space.allowed_token_ids is not None:
@@ -68,7 +71,7 @@ def exact_outcome_distribution(
             for start in range(0, len(frontier), batch_size):
                 chunk = frontier[start : start + batch_size]
                 records = [TrajectoryRecord(query, prompt, ids, [True] * len(ids)) for ids, _, _ in chunk]
-                traj = Trajectories.from_records(records, pad_id, next(model.parameters()).device)
+                traj = Trajectories.from_records(records, pad_id, policy.device)
                 log_probs = final_state_log_probs(model, traj, space).cpu()  # [b, V]
                 stop = space.stop_log_prob(log_probs)  # [b]
                 nodes += len(chunk)

@@ -26,11 +26,12 @@ from torch import Tensor
 
 from gfnlm.losses import state_mask
 from gfnlm.modes import adapter_disabled, eval_mode
-from gfnlm.scoring import head_log_probs, score_policy, shared_prompt_hidden, split_model
+from gfnlm.scoring import head_log_probs, shared_prompt_hidden, split_model
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
 if TYPE_CHECKING:
     from gfnlm.context import SharedContext
+    from gfnlm.policy import Policy
 
 
 class Reward(Protocol):
@@ -246,32 +247,34 @@ def lm_continuation_log_likelihoods(
 
 
 class LMStopReward:
-    """log R(s_i ⊤) = log p_LM(s_i ⊤ | X): the model's probability of the prefix and of stopping there.
+    """log R(s_i ⊤) = log p_LM(s_i ⊤ | X): the base model's probability of the prefix and of stopping there.
 
-    With ``allowed_token_ids`` the LM is restricted to those tokens and the stop tokens, renormalised
-    at every step, as a policy of that action space is: the target is then the base model's own
-    sampling distribution within the action space (e.g. sentences that can only end with ".").
-    The stop is never forced here, so every state keeps its own probability of stopping.
+    ``policy``'s model runs with its adapter switched off, in the policy's action space: restricted to
+    its allowed tokens and stop tokens, renormalised at every step, as a policy of that space is. The
+    target is then the base model's own sampling distribution within the action space (e.g.
+    sentences that can only end with "."). The length rules are not applied: the stop is never
+    forced, so every state keeps its own probability of stopping.
     """
 
-    def __init__(self, model, tokenizer, stop_token_ids: Sequence[int], allowed_token_ids: Sequence[int] | None = None):
-        self.model, self.tokenizer, self.stop_token_ids = model, tokenizer, tuple(stop_token_ids)
-        self.allowed_token_ids = tuple(allowed_token_ids) if allowed_token_ids is not None else None
+    def __init__(self, policy: Policy):
+        self.policy = policy
 
     def __call__(self, traj: Trajectories) -> Tensor:
-        with adapter_disabled(self.model), eval_mode(self.model):
-            if self.allowed_token_ids is None:
-                log_r = lm_prefix_log_likelihoods(self.model, traj, stop_token_ids=self.stop_token_ids)
-            else:
-                space = ActionSpace(self.stop_token_ids, max_len=traj.horizon + 1, allowed_token_ids=self.allowed_token_ids)
-                log_r = policy_prefix_log_likelihoods(self.model, traj, space)
+        space, model = self.policy.space, self.policy.model
+        with adapter_disabled(model), eval_mode(model):
+            if space.allowed_token_ids is None:
+                log_r = lm_prefix_log_likelihoods(model, traj, stop_token_ids=space.stop_token_ids)
+            else:  # the base model as a policy of the space, without length rules
+                unbounded = ActionSpace(space.stop_token_ids, max_len=traj.horizon + 1,
+                                        allowed_token_ids=space.allowed_token_ids)
+                log_r = policy_prefix_log_likelihoods(self.policy.with_space(unbounded), traj)
         return check_log_rewards(log_r, traj, type(self).__name__)
 
 
 @torch.no_grad()
-def policy_prefix_log_likelihoods(model, traj: Trajectories, space: ActionSpace) -> Tensor:
-    """log q(z_1..z_i ⊤) of every prefix under ``model`` as a policy of ``space``, in one teacher-forced pass. [B, T+1]."""
-    log_pf, log_pterm = score_policy(model, traj, space)  # [B, T], [B, T+1]; 0 past each length
+def policy_prefix_log_likelihoods(policy: Policy, traj: Trajectories) -> Tensor:
+    """log q(z_1..z_i ⊤) of every prefix under ``policy``, in one teacher-forced pass. [B, T+1]."""
+    log_pf, log_pterm = policy.score(traj)  # [B, T], [B, T+1]; 0 past each length
     prefix = torch.cat([log_pf.new_zeros(len(traj), 1), log_pf.cumsum(dim=1)], dim=1)  # [B, T+1]
     return prefix + log_pterm
 
@@ -279,7 +282,8 @@ def policy_prefix_log_likelihoods(model, traj: Trajectories, space: ActionSpace)
 class LMSuffixReward:
     """log R(s_i ⊤) = log p_LM(s_i Y | X): the posterior target p_LM(Z | X, Y) ∝ p_LM(X Z Y).
 
-    ``suffix`` maps a query to the text Y (default: ``query.target``). The weights target
+    ``policy``'s model runs with its adapter switched off. ``suffix`` maps a query to the text Y
+    (default: ``query.target``). The weights target
     p_LM(Z | X)^w p_LM(Y | X Z)^v instead (the paper's posterior: w = v = 1). w = 0 keeps only the
     likelihood of Y. v > 1 sharpens the likelihood, so that rationales which make Y likely weigh
     more against a small LM's preference for short ones. Prefer v > 1 to w < 1: p^w with w < 1
@@ -291,8 +295,7 @@ class LMSuffixReward:
 
     def __init__(
         self,
-        model,
-        tokenizer,
+        policy: Policy,
         suffix: Callable[[Query], str] | None = None,
         prior_weight: float = 1.0,
         likelihood_weight: float = 1.0,
@@ -300,7 +303,7 @@ class LMSuffixReward:
     ):
         if prior_weight < 0 or likelihood_weight < 0:
             raise ValueError(f"prior_weight and likelihood_weight must be non-negative, got {prior_weight}, {likelihood_weight}")
-        self.model, self.tokenizer = model, tokenizer
+        self.policy, self.tokenizer = policy, policy.tokenizer
         self.suffix = suffix or _query_target
         self.prior_weight, self.likelihood_weight = prior_weight, likelihood_weight
         self.context = context
@@ -308,11 +311,16 @@ class LMSuffixReward:
     def _suffix_ids(self, queries: Sequence[Query]) -> list[list[int]]:
         return [self.tokenizer(self.suffix(q), add_special_tokens=False)["input_ids"] for q in queries]
 
+    @property
+    def pad_id(self) -> int:
+        return self.tokenizer.pad_token_id or 0
+
     def __call__(self, traj: Trajectories) -> Tensor:
-        with adapter_disabled(self.model), eval_mode(self.model):
+        model = self.policy.model
+        with adapter_disabled(model), eval_mode(model):
             log_r = lm_prefix_log_likelihoods(
-                self.model, traj, suffix_ids=self._suffix_ids(traj.queries),
-                pad_token_id=self.tokenizer.pad_token_id or 0, context=self.context, prior_weight=self.prior_weight, likelihood_weight=self.likelihood_weight,
+                model, traj, suffix_ids=self._suffix_ids(traj.queries), pad_token_id=self.pad_id, context=self.context,
+                prior_weight=self.prior_weight, likelihood_weight=self.likelihood_weight,
             )
         return check_log_rewards(log_r, traj, type(self).__name__)
 
@@ -321,12 +329,12 @@ class LMSuffixReward:
 
         Two plain passes: w log p(Z | X) over the trajectory, then v log p(Y | X Z) with Z moved into
         the prompt (horizon 0: one copy of Y). For seeding the buffer with known texts."""
-        with adapter_disabled(self.model), eval_mode(self.model):
-            pad = self.tokenizer.pad_token_id or 0
-            prior = lm_prefix_log_likelihoods(self.model, traj, pad_token_id=pad, context=self.context)  # [B, T+1]
+        model, pad = self.policy.model, self.pad_id
+        with adapter_disabled(model), eval_mode(model):
+            prior = lm_prefix_log_likelihoods(model, traj, pad_token_id=pad, context=self.context)  # [B, T+1]
             whole = [TrajectoryRecord(r.query, r.prompt_ids + r.generated_ids, [], []) for r in traj.records()]
             moved = Trajectories.from_records(whole, pad, traj.input_ids.device)
-            likelihood = lm_prefix_log_likelihoods(self.model, moved, suffix_ids=self._suffix_ids(moved.queries),
+            likelihood = lm_prefix_log_likelihoods(model, moved, suffix_ids=self._suffix_ids(moved.queries),
                                                    pad_token_id=pad, context=self.context, prior_weight=0.0)[:, 0]  # [B]
         return self.prior_weight * terminal_values(prior, traj) + self.likelihood_weight * likelihood
 

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from gfnlm.trajectories import ActionSpace, Trajectories
+from gfnlm.trajectories import ActionLayout, ActionSpace, Trajectories
 
 if TYPE_CHECKING:
     from transformers import DynamicCache
@@ -102,25 +102,56 @@ def state_hidden(model, traj: Trajectories) -> Tensor:
     return hidden.gather(1, kept_cols[..., None].expand(-1, -1, hidden.shape[-1]))
 
 
+def vocab_size(model) -> int:
+    """V, the width of the model's logits (the output head's rows, which may exceed the tokenizer's length)."""
+    return split_model(model)[1].weight.shape[0]
+
+
+class PolicyHead:
+    """The output head on an action layout's columns: hidden states [N, H] -> logits [N, A] in float32.
+
+    For a restricted action space the head's rows of the A columns are taken once and multiplied
+    alone (arithmetic: 21 of 49,152 rows), instead of computing every logit and dropping the rest.
+    A space that keeps most of the vocabulary computes the whole head and selects its columns, as does
+    a head that is not a plain linear layer (an adapter on it, say). Build it where the weights are
+    fixed for its lifetime: once per sampling call, once per scoring pass.
+    """
+
+    def __init__(self, model, layout: ActionLayout):
+        _, head, self.cap = split_model(model)
+        self.model, self.layout = model, layout
+        self.rows: tuple[Tensor, Tensor | None] | None = None
+        if layout.token_ids is not None and 2 * layout.width <= layout.vocab_size and type(head) is torch.nn.Linear:
+            bias = head.bias.index_select(0, layout.token_ids) if head.bias is not None else None
+            self.rows = (head.weight.index_select(0, layout.token_ids), bias)
+
+    def __call__(self, hidden: Tensor) -> Tensor:
+        if self.rows is None:
+            return self.layout.select(output_logits(self.model, hidden))
+        logits = torch.nn.functional.linear(hidden, *self.rows).float()
+        return self.cap * torch.tanh(logits / self.cap) if self.cap else logits
+
+
 def action_log_probs(model, hidden: Tensor, traj: Trajectories, space: ActionSpace) -> tuple[Tensor, Tensor]:
     """State hidden states [B, T+1, H] -> the policy's log q(z_{i+1} | s_i) [B, T] and log q(⊤ | s_i) [B, T+1].
 
-    The output head and the log-softmax over the vocabulary run only at the states each
-    trajectory reaches (i <= n_b), not at the states past its end that batching pads in (less
-    work, though not a measurable speed-up: the decoder body dominates the step). Entries past
-    n_b are 0.
+    The output head and the log-softmax run only at the states each trajectory reaches (i <= n_b),
+    and only on the action space's columns (``PolicyHead``). Entries past n_b are 0; an action the
+    space does not allow (a hand-made trajectory's) gets -inf.
     """
     batch, num_states, _ = hidden.shape
+    layout = space.layout(vocab_size(model), hidden.device)
     state = torch.arange(num_states, device=hidden.device).expand(batch, -1)  # [B, T+1]
     lengths = traj.lengths.to(hidden.device)[:, None]
     live = state <= lengths  # [B, T+1]
-    log_probs = space.policy_log_probs(output_logits(model, hidden[live]), state[live])  # [N, V], N live states
+    log_probs = layout.log_probs(PolicyHead(model, layout)(hidden[live]), state[live])  # [N, A], N live states
     log_pterm = hidden.new_zeros((batch, num_states), dtype=log_probs.dtype)
-    log_pterm[live] = space.stop_log_prob(log_probs)
+    log_pterm[live] = layout.stop_log_prob(log_probs)
     acting = state[:, :-1] < lengths  # [B, T]: states followed by an action
-    actions = traj.input_ids.gather(1, traj.action_columns())[acting]  # [M]
+    columns = layout.columns(traj.input_ids.gather(1, traj.action_columns())[acting])  # [M], -1 if not allowed
+    chosen = log_probs[(state < lengths)[live]].gather(1, columns.clamp(min=0)[:, None]).squeeze(1)
     log_pf = hidden.new_zeros((batch, num_states - 1), dtype=log_probs.dtype)
-    log_pf[acting] = log_probs[(state < lengths)[live]].gather(1, actions[:, None]).squeeze(1)
+    log_pf[acting] = torch.where(columns >= 0, chosen, float("-inf"))
     return log_pf, log_pterm
 
 
@@ -136,10 +167,11 @@ def score_policy(model, traj: Trajectories, space: ActionSpace) -> tuple[Tensor,
 
 @torch.no_grad()
 def final_state_log_probs(model, traj: Trajectories, space: ActionSpace) -> Tensor:
-    """The policy's next-token log-probs at each trajectory's last state s_{n_b}: [B, V]."""
+    """The policy's next-token log-probs at each trajectory's last state s_{n_b}, on the whole vocabulary: [B, V]."""
     hidden = state_hidden(model, traj)  # [B, T+1, H]
     final = hidden.gather(1, traj.lengths[:, None, None].expand(-1, 1, hidden.shape[-1])).squeeze(1)  # [B, H]
-    return space.policy_log_probs(output_logits(model, final), traj.lengths)
+    layout = space.layout(vocab_size(model), final.device)
+    return layout.expand(layout.log_probs(PolicyHead(model, layout)(final), traj.lengths))
 
 
 def terminal_log_prob(log_pf: Tensor, log_pterm: Tensor, lengths: Tensor) -> Tensor:

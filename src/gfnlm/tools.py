@@ -11,6 +11,7 @@ from __future__ import annotations
 import re
 from typing import Sequence
 
+from gfnlm.sampling import Tool
 from gfnlm.trajectories import Query
 
 MAX_EXPRESSION_CHARS = 64
@@ -67,8 +68,8 @@ def fill_in_results(rationale: str) -> str:
     return out
 
 
-class CalculatorTool:
-    """A ``ToolHook`` for the sampler: after an action that writes "=", insert the value's tokens."""
+class CalculatorTool(Tool):
+    """A tool for the sampler: after an action that writes "=", insert the value's tokens."""
 
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer
@@ -78,6 +79,10 @@ class CalculatorTool:
         if token_id not in self._ends_with_equals:
             self._ends_with_equals[token_id] = self.tokenizer.decode([token_id]).rstrip(" ").endswith("=")
         return self._ends_with_equals[token_id]
+
+    def triggers(self, token_ids: Sequence[int]) -> list[bool]:
+        """Only tokens that end with "=" can call the calculator."""
+        return [self.writes_equals(int(t)) for t in token_ids]
 
     def __call__(self, query: Query, generated: Sequence[int]) -> list[int]:
         if not generated or not self.writes_equals(int(generated[-1])):

@@ -27,7 +27,6 @@ import os
 import resource
 import shutil
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -43,8 +42,9 @@ from gfnlm.distributed import RANK_SEED_STRIDE, PolicyScorer, Ranks, make_accele
 from gfnlm.losses import detailed_balance_loss, modified_subtb_loss, trajectory_balance_loss
 from gfnlm.modes import adapter_disabled, eval_mode
 from gfnlm.rewards import Reward, compute_log_rewards, terminal_log_rewards, terminal_values
-from gfnlm.sampling import ToolHook, require_pad_token, sample, text_records
-from gfnlm.scoring import score_policy, terminal_log_prob
+from gfnlm.policy import Policy
+from gfnlm.sampling import require_pad_token, text_records
+from gfnlm.scoring import terminal_log_prob
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
 logger = logging.getLogger("gfnlm")
@@ -58,35 +58,6 @@ TIMING_KEYS = ("samples_per_s", "step_time_s", "peak_memory_mb")
 
 class TrainingDiverged(RuntimeError):
     """Too many consecutive non-finite losses; the last good checkpoint is kept."""
-
-
-def resolve_device(name: str) -> torch.device:
-    """``name`` as a device; "auto" is CUDA where there is one. Under a launcher (``LOCAL_RANK`` set) a
-    CUDA device without an index is this process's own GPU, not GPU 0 for every process."""
-    device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if name == "auto" else name)
-    if device.type == "cuda" and device.index is None and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return device
-
-
-def apply_lora(model, config: TrainConfig):
-    """Wrap ``model`` with a fresh LoRA adapter (peft), or leave it whole when ``lora_rank`` is 0."""
-    if config.lora_rank == 0:
-        return model
-    from peft import LoraConfig, get_peft_model
-
-    if hasattr(model, "peft_config"):
-        return model  # already adapted (e.g. loaded from an adapter folder)
-    lora = LoraConfig(
-        r=config.lora_rank,
-        lora_alpha=config.lora_alpha,
-        lora_dropout=config.lora_dropout,
-        target_modules=config.lora_target_modules,
-        task_type="CAUSAL_LM",
-    )
-    with warnings.catch_warnings():  # peft reads a property transformers 5 deprecates; nothing to act on
-        warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        return get_peft_model(model, lora)
 
 
 def peak_memory_mb(device: torch.device) -> float:
@@ -143,37 +114,36 @@ class Trainer:
 
     name = "train"
 
-    def __init__(
-        self,
-        model,
-        tokenizer,
-        space: ActionSpace,
-        config: TrainConfig | None = None,
-        tool: ToolHook | None = None,
-        output_dir: str | Path | None = None,
-    ):
+    def __init__(self, policy: Policy, config: TrainConfig | None = None, output_dir: str | Path | None = None):
         self.config = config or TrainConfig()
         self.config.validate()
-        self.tokenizer, self.space, self.tool = tokenizer, space, tool
-        self.pad_id = require_pad_token(tokenizer)
-        self.accelerator = make_accelerator(self.config, resolve_device(self.config.device))
+        self.policy = policy
+        self.pad_id = require_pad_token(policy.tokenizer)
+        self.accelerator = make_accelerator(self.config, policy.device, policy.precision)
         self.ranks = Ranks(self.accelerator)
-        # one process honours --device; under accelerate launch each rank takes the device it was given
-        self.device = resolve_device(self.config.device) if self.ranks.world == 1 else self.accelerator.device
-        if self.device.type == "cpu":
-            self.device = torch.device("cpu")  # not accelerate's "cpu:0", which safetensors refuses
+        self.device = policy.device
+        if self.ranks.world > 1 and self.device != self.accelerator.device and self.device.type != "cpu":
+            raise ValueError(f"this process's policy is on {self.device}, but accelerate gave it {self.accelerator.device}")
         self.output_dir = Path(output_dir) if output_dir is not None else None
         torch.manual_seed(self.config.seed)  # LoRA and head initialisation: the same on every rank
-        self.model = apply_lora(model, self.config).to(self.device)
+        policy.add_adapter(self.config)
         if self.ranks.world > 1:  # then each rank its own dropout masks
             torch.manual_seed(self.config.seed + self.ranks.rank * RANK_SEED_STRIDE)
-        # the policy's scores as one module (for DDP), and the model as samplers and checkpoints see it
-        self.scorer = self.accelerator.prepare(PolicyScorer(self.model, space))
-        self.model = self.accelerator.unwrap_model(self.scorer).model
+        # the policy's scores as one module, which DDP wraps; the policy keeps the model itself
+        self.scorer = self.accelerator.prepare(PolicyScorer(policy.model, policy.space))
         # all sampling and batch draws; rank 0's stream is the single process's
         self.generator = torch.Generator().manual_seed(self.config.seed + self.ranks.rank * RANK_SEED_STRIDE)
         self.step = 0
         self.nan_streak = 0
+
+    @property
+    def model(self):
+        """The policy's model (with its adapter), as samplers and checkpoints see it."""
+        return self.policy.model
+
+    @property
+    def space(self) -> ActionSpace:
+        return self.policy.space
 
     def score(self, traj: Trajectories) -> tuple[Tensor, Tensor]:
         """The policy's log P_F [B, T] and log P_⊤ [B, T+1] with gradients (``score_policy``), through the
@@ -330,12 +300,10 @@ class Trainer:
             bar.close()
         return history
 
-    @torch.no_grad()
     def sample(self, queries: Sequence[Query], temperature: float | Sequence[float] = 1.0) -> Trajectories:
-        """Draw one trajectory per query from the current policy (temperature scalar or per query)."""
-        with self.accelerator.autocast():
-            return sample(self.model, self.tokenizer, queries, self.space, temperature, self.generator, self.tool,
-                          static_cache=self.config.static_cache)
+        """Draw one trajectory per query from the current policy (temperature scalar or per query), from the
+        trainer's random stream."""
+        return self.policy.sample(queries, temperature, self.generator)
 
     # ----------------------------------------------------------------- checkpoints
     @property
@@ -439,11 +407,12 @@ def logged_training_minutes(rows: list[dict]) -> float:
 
 
 class GFlowNetTrainer(Trainer):
-    """Fine-tunes ``model`` so that it samples trajectories with probability ∝ ``reward``.
+    """Fine-tunes ``policy`` so that it samples trajectories with probability ∝ ``reward``.
 
-    ``queries`` are the training inputs X; ``space`` fixes stop tokens, lengths and allowed
-    tokens; ``tool`` optionally inserts context tokens after actions (e.g. a calculator).
-    With ``output_dir`` the run writes ``metrics.jsonl`` and checkpoints and can resume.
+    ``queries`` are the training inputs X; the policy's action space fixes stop tokens, lengths and
+    allowed tokens, and its tool may insert context tokens after actions (e.g. a calculator). The
+    trainer adds a LoRA adapter to the policy's model (``config.lora_rank``). With ``output_dir`` the
+    run writes ``metrics.jsonl`` and checkpoints and can resume.
     """
 
     name = "gfn"
@@ -451,20 +420,17 @@ class GFlowNetTrainer(Trainer):
 
     def __init__(
         self,
-        model,
-        tokenizer,
+        policy: Policy,
         reward: Reward,
         queries: Sequence[Query],
-        space: ActionSpace,
         config: TrainConfig | None = None,
-        tool: ToolHook | None = None,
         output_dir: str | Path | None = None,
     ):
         if not queries:
             raise ValueError("GFlowNetTrainer needs at least one training query")
-        if config is not None and config.loss == "db" and space.min_len > 0:
+        if config is not None and config.loss == "db" and policy.space.min_len > 0:
             raise ValueError("detailed balance needs every state to be terminable; use loss subtb or tb with min_len > 0")
-        super().__init__(model, tokenizer, space, config, tool, output_dir)
+        super().__init__(policy, config, output_dir)
         if self.ranks.world > len(queries):
             raise ValueError(f"{self.ranks.world} processes need at least as many training queries, got {len(queries)}: "
                              "each process draws its own")
@@ -574,7 +540,7 @@ class GFlowNetTrainer(Trainer):
 
     def seed_buffer_from_texts(self, examples: Sequence[tuple[Query, str]]) -> int:
         """Seed the buffer with texts Z given for queries X, each token an action of the policy."""
-        records = text_records(self.tokenizer, examples)
+        records = text_records(self.policy.tokenizer, examples)
         for (_, text), record in zip(examples, records):
             if not 0 < record.length <= self.space.max_len:
                 raise ValueError(f"seed text {text!r} has {record.length} tokens; the policy writes 1 to {self.space.max_len}")
@@ -636,7 +602,7 @@ class GFlowNetTrainer(Trainer):
         for start in range(0, len(records), batch_size):
             traj = Trajectories.from_records(records[start : start + batch_size], self.pad_id, self.device)
             with eval_mode(self.model):
-                log_pf, log_pterm = score_policy(self.model, traj, self.space)  # [b, T], [b, T+1]
+                log_pf, log_pterm = self.policy.score(traj)  # [b, T], [b, T+1]
             log_q += terminal_log_prob(log_pf, log_pterm, traj.lengths).tolist()
         return log_q
 

@@ -13,6 +13,7 @@ P-1 .. L-1 only.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
@@ -61,38 +62,115 @@ class ActionSpace:
         if self.allowed_token_ids is not None:
             object.__setattr__(self, "allowed_token_ids", tuple(int(t) for t in self.allowed_token_ids))
 
-    def policy_log_probs(self, logits: Tensor, n_actions: Tensor, temperature: Tensor | float = 1.0) -> Tensor:
-        """log q(· | s) over the vocabulary at states with ``n_actions`` actions. [N, V] -> [N, V].
+    def layout(self, vocab_size: int, device: torch.device | str = "cpu") -> ActionLayout:
+        """This space laid out over a vocabulary of ``vocab_size`` tokens on ``device`` (built once, then cached)."""
+        return _layout(self, int(vocab_size), torch.device(device))
 
-        ``temperature`` ([N] or scalar) gives the tempered behaviour policy the sampler draws
-        from; at 1 this is the policy itself. Disallowed tokens get -inf.
+    def policy_log_probs(self, logits: Tensor, n_actions: Tensor | int) -> Tensor:
+        """log q(· | s) over the whole vocabulary at states with ``n_actions`` actions. [N, V] -> [N, V].
+
+        Tokens the policy cannot write get -inf. The same numbers as ``ActionLayout.log_probs`` on the
+        policy's columns, for callers that hold full-vocabulary logits (beam search, references in tests).
         """
-        logits = logits.float()
-        if self.allowed_token_ids is not None:
-            allowed = torch.zeros(logits.shape[-1], dtype=torch.bool, device=logits.device)
-            allowed[list(self.allowed_token_ids)] = True
-            allowed[list(self.stop_token_ids)] = True
-            logits = logits.masked_fill(~allowed, float("-inf"))
-        temperature = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
-        logits = logits / (temperature.reshape(-1, 1) if temperature.ndim else temperature)
-        stops = list(self.stop_token_ids)
-        too_short = (n_actions < self.min_len)[:, None]
-        logits[:, stops] = logits[:, stops].masked_fill(too_short, float("-inf"))
-        only_stop = torch.full_like(logits, float("-inf"))
-        only_stop[:, stops[0]] = 0.0
-        forced = (n_actions >= self.max_len)[:, None]
-        return torch.where(forced, only_stop, logits).log_softmax(dim=-1)
+        layout = self.layout(logits.shape[-1], logits.device)
+        return layout.expand(layout.log_probs(layout.select(logits), n_actions))
 
     def stop_log_prob(self, log_probs: Tensor) -> Tensor:
-        """log q(⊤ | s): the stop tokens' probabilities summed. [..., V] -> [...].
+        """log q(⊤ | s) from whole-vocabulary log-probs [..., V] -> [...] (``ActionLayout.stop_log_prob``)."""
+        return _stop_log_prob(log_probs[..., list(self.stop_token_ids)])
 
-        -inf where stopping is impossible, without the NaN gradient that ``logsumexp`` of
-        all -inf inputs would send back.
+
+@dataclass(frozen=True, eq=False)
+class ActionLayout:
+    """An action space over a vocabulary of V tokens, as tensors on one device: the policy's A columns.
+
+    The policy can write only its allowed tokens and the stop tokens, so its logits, log-softmax and
+    draws need only those A columns: for a restricted space (arithmetic: about 20 of SmolLM2's 49,152
+    tokens) the output head and everything after it shrink by the same factor. An unrestricted space
+    keeps all V columns in vocabulary order (``token_ids`` None). Built once per space, vocabulary
+    and device (``ActionSpace.layout``), so no step rebuilds a mask.
+    """
+
+    space: ActionSpace
+    vocab_size: int
+    token_ids: Tensor | None  # [A] long: the vocabulary id of each column, ascending; None: column = token id
+    is_stop: Tensor  # [A] bool: the stop tokens' columns
+    column_of: Tensor | None  # [V] long: each token's column, -1 for tokens the policy cannot write
+    forced_stop: Tensor  # [A] log-probs of a state at max_len: 0 at the first stop token, -inf elsewhere
+
+    @property
+    def width(self) -> int:
+        """A, the number of columns."""
+        return self.is_stop.shape[0]
+
+    def select(self, logits: Tensor) -> Tensor:
+        """The policy's columns of whole-vocabulary values. [..., V] -> [..., A]."""
+        return logits if self.token_ids is None else logits.index_select(-1, self.token_ids)
+
+    def expand(self, values: Tensor, fill: float = float("-inf")) -> Tensor:
+        """Column values back on the whole vocabulary, ``fill`` elsewhere. [N, A] -> [N, V]."""
+        if self.token_ids is None:
+            return values
+        out = values.new_full((*values.shape[:-1], self.vocab_size), fill)
+        return out.index_copy_(-1, self.token_ids, values)
+
+    def tokens(self, columns: Tensor) -> Tensor:
+        """Vocabulary ids of columns (any shape)."""
+        return columns if self.token_ids is None else self.token_ids[columns]
+
+    def columns(self, token_ids: Tensor) -> Tensor:
+        """Columns of vocabulary ids (any shape); -1 for a token the policy cannot write."""
+        return token_ids if self.column_of is None else self.column_of[token_ids]
+
+    def log_probs(self, logits: Tensor, n_actions: Tensor | int) -> Tensor:
+        """log q(· | s) on the policy's columns at states with ``n_actions`` actions ([N] or one count
+        for every row). [N, A] -> [N, A] float32.
+
+        The stop columns are masked before ``min_len`` actions; at ``max_len`` the first stop token
+        takes all the mass. The other stop tokens' columns then hold -inf, so that summing the stop
+        columns (``stop_log_prob``) counts the forced stop once.
         """
-        stops = log_probs[..., list(self.stop_token_ids)]
-        possible = torch.isfinite(stops).any(dim=-1)
-        total = torch.where(possible[..., None], stops, 0.0).logsumexp(dim=-1)
-        return torch.where(possible, total, float("-inf"))
+        logits = logits.float()
+        space, minus_inf = self.space, float("-inf")
+        if isinstance(n_actions, int):  # every row at the same count: the sampler's case, no per-row work
+            if n_actions >= space.max_len:
+                return self.forced_stop.expand_as(logits).clone()
+            if n_actions < space.min_len:
+                logits = logits.masked_fill(self.is_stop, minus_inf)
+            return logits.log_softmax(dim=-1)
+        n_actions = n_actions.to(logits.device)[:, None]
+        logits = logits.masked_fill((n_actions < space.min_len) & self.is_stop, minus_inf)
+        return torch.where(n_actions >= space.max_len, self.forced_stop, logits.log_softmax(dim=-1))
+
+    def stop_log_prob(self, log_probs: Tensor) -> Tensor:
+        """log q(⊤ | s): the stop columns' probabilities summed. [..., A] -> [...]."""
+        return _stop_log_prob(log_probs[..., self.is_stop])
+
+
+def _stop_log_prob(stops: Tensor) -> Tensor:
+    """logsumexp over the stop tokens' log-probs [..., S] -> [...]: -inf where stopping is impossible,
+    without the NaN gradient that ``logsumexp`` of all -inf inputs would send back."""
+    possible = torch.isfinite(stops).any(dim=-1)
+    total = torch.where(possible[..., None], stops, 0.0).logsumexp(dim=-1)
+    return torch.where(possible, total, float("-inf"))
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(space: ActionSpace, vocab_size: int, device: torch.device) -> ActionLayout:
+    stops = set(space.stop_token_ids)
+    if max(stops) >= vocab_size or (space.allowed_token_ids and max(space.allowed_token_ids) >= vocab_size):
+        raise ValueError(f"the action space names token ids beyond the vocabulary of {vocab_size} tokens")
+    ids = list(range(vocab_size)) if space.allowed_token_ids is None else sorted(stops | set(space.allowed_token_ids))
+    is_stop = torch.tensor([t in stops for t in ids], dtype=torch.bool)
+    forced_stop = torch.full((len(ids),), float("-inf"))
+    forced_stop[ids.index(space.stop_token_ids[0])] = 0.0
+    if space.allowed_token_ids is None:
+        return ActionLayout(space, vocab_size, None, is_stop.to(device), None, forced_stop.to(device))
+    token_ids = torch.tensor(ids, dtype=torch.long)
+    column_of = torch.full((vocab_size,), -1, dtype=torch.long)
+    column_of[token_ids] = torch.arange(len(ids))
+    return ActionLayout(space, vocab_size, token_ids.to(device), is_stop.to(device), column_of.to(device),
+                        forced_stop.to(device))
 
 
 @dataclass

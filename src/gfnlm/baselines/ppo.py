@@ -20,10 +20,10 @@ from gfnlm.config import ConfigError, TrainConfig, setting
 from gfnlm.losses import state_mask
 from gfnlm.modes import adapter_disabled
 from gfnlm.rewards import Reward, compute_log_rewards, terminal_values
-from gfnlm.sampling import sample
-from gfnlm.scoring import action_log_probs, score_policy, state_hidden
+from gfnlm.policy import Policy
+from gfnlm.scoring import action_log_probs, state_hidden
 from gfnlm.trainer import Trainer
-from gfnlm.trajectories import ActionSpace, Query, Trajectories
+from gfnlm.trajectories import Query, Trajectories
 
 
 @dataclass
@@ -71,9 +71,9 @@ class PPOTrainer(Trainer):
     name = "ppo"
     progress_keys = ("loss", "reward_mean", "kl", "samples_per_s")
 
-    def __init__(self, model, tokenizer, reward: Reward, queries: Sequence[Query], space: ActionSpace,
-                 config: TrainConfig | None = None, ppo: PPOConfig | None = None, tool=None, output_dir=None):
-        super().__init__(model, tokenizer, space, config, tool, output_dir)
+    def __init__(self, policy: Policy, reward: Reward, queries: Sequence[Query], config: TrainConfig | None = None,
+                 ppo: PPOConfig | None = None, output_dir=None):
+        super().__init__(policy, config, output_dir)
         if self.ranks.world > 1:
             raise ConfigError("the PPO baseline runs in one process: launch it without accelerate (gfnlm train)")
         self.ppo = ppo or PPOConfig()
@@ -108,13 +108,13 @@ class PPOTrainer(Trainer):
         c = self.config
         picks = torch.randint(len(self.queries), (c.queries_per_step,), generator=self.generator).tolist()
         queries = [self.queries[i] for i in picks for _ in range(c.samples_per_query)]
-        traj = sample(self.model, self.tokenizer, queries, self.space, generator=self.generator, tool=self.tool)
+        traj = self.sample(queries)
         lengths = traj.lengths
         valid = state_mask(lengths, traj.horizon + 1)
         self.model.eval()
         old_lp, values = self._policy(traj)
         with adapter_disabled(self.model):
-            ref_lp = episode_log_probs(*score_policy(self.model, traj, self.space), lengths)
+            ref_lp = episode_log_probs(*self.policy.score(traj), lengths)
         log_r = terminal_values(compute_log_rewards(self.reward, traj), traj)  # [B]
         terminal = log_r.exp() if self.ppo.ppo_reward == "exp" else log_r
         kl_per_step = torch.where(valid, old_lp - ref_lp, 0.0)

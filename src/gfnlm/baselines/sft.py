@@ -14,7 +14,8 @@ import torch
 from gfnlm.config import TrainConfig
 from gfnlm.scoring import terminal_log_prob
 from gfnlm.trainer import Trainer
-from gfnlm.trajectories import ActionSpace, TrajectoryRecord, Trajectories
+from gfnlm.policy import Policy
+from gfnlm.trajectories import TrajectoryRecord, Trajectories
 
 DrawExamples = Callable[[int, torch.Generator], Sequence[TrajectoryRecord]]
 """``draw(n, generator)`` -> n target trajectories (e.g. samples from the target distribution)."""
@@ -23,9 +24,8 @@ DrawExamples = Callable[[int, torch.Generator], Sequence[TrajectoryRecord]]
 class SFTTrainer(Trainer):
     name = "sft"
 
-    def __init__(self, model, tokenizer, draw_examples: DrawExamples, space: ActionSpace,
-                 config: TrainConfig | None = None, output_dir=None):
-        super().__init__(model, tokenizer, space, config, None, output_dir)
+    def __init__(self, policy: Policy, draw_examples: DrawExamples, config: TrainConfig | None = None, output_dir=None):
+        super().__init__(policy, config, output_dir)
         self.draw_examples = draw_examples
         self.build_optimizer()
 

@@ -39,7 +39,8 @@ from gfnlm.modes import adapter_disabled
 from gfnlm.report import Headline, Pick, ResultsTable, markdown_table, mean_std, one_folder
 from gfnlm.models import stop_token_ids
 from gfnlm.rewards import LMSuffixReward
-from gfnlm.sampling import encode_prompts, sample, take_action
+from gfnlm.policy import Policy
+from gfnlm.sampling import encode_prompts, take_action
 from gfnlm.tasks.base import Task, TaskOptions, likelihood_weight_setting
 from gfnlm.tools import CalculatorTool, fill_in_results, last_tool_result
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
@@ -265,9 +266,9 @@ class ArithmeticTask(Task):
             self._reward_context = SharedContext(model, self.tokenizer, text)
         return self._reward_context
 
-    def reward(self, model) -> LMSuffixReward:
-        return LMSuffixReward(
-            model, self.tokenizer, likelihood_weight=self.options.reward_likelihood_weight, context=self.reward_context(model))
+    def reward(self, policy: Policy) -> LMSuffixReward:
+        return LMSuffixReward(policy, likelihood_weight=self.options.reward_likelihood_weight,
+                              context=self.reward_context(policy.model))
 
     def tool(self) -> CalculatorTool:
         return CalculatorTool(self.tokenizer)
@@ -286,7 +287,7 @@ class ArithmeticTask(Task):
             take_action(query, generated, is_action, token, tool)
         return TrajectoryRecord(query, encode_prompts(self.tokenizer, [query])[0], generated, is_action)
 
-    def seed_records(self, model, generator: torch.Generator) -> list[TrajectoryRecord]:
+    def seed_records(self, policy: Policy, generator: torch.Generator) -> list[TrajectoryRecord]:
         return [self.rationale_record(p) for p in self.worked[: self.options.seed_rationales]]
 
     def sft_examples(self, n: int, generator: torch.Generator) -> list[TrajectoryRecord]:
@@ -325,38 +326,38 @@ class ArithmeticTask(Task):
         limit = o.eval_questions if o.eval_questions is not None else DEFAULT_TRAIN_EVAL_QUESTIONS
         return o.train_file, load_problems(o.train_file)[:limit]
 
-    def complete_answers(self, model, prompts: list[str]) -> list[int | None]:
+    def complete_answers(self, policy: Policy, prompts: list[str]) -> list[int | None]:
         """The base LM's answer after each "X Z." (greedy, reward demonstrations in context)."""
         eos = stop_token_ids(self.tokenizer)
-        space = ActionSpace(self.stop_ids + eos, self.options.answer_max_tokens)
+        answering = policy.with_space(ActionSpace(self.stop_ids + eos, self.options.answer_max_tokens))
         unique = list(dict.fromkeys(prompts))
         answers: dict[str, int | None] = {}
         batch = self.options.eval_batch_questions * self.options.eval_samples
-        with adapter_disabled(model):
-            context = self.reward_context(model)
+        with adapter_disabled(policy.model):
+            context = self.reward_context(policy.model)
             for start in range(0, len(unique), batch):
                 chunk = unique[start : start + batch]
-                traj = sample(model, self.tokenizer, [Query(p) for p in chunk], space, temperature=0.0, context=context)
+                traj = answering.sample([Query(p) for p in chunk], temperature=0.0, context=context)
                 for prompt, text in zip(chunk, traj.generated_texts(self.tokenizer)):
                     found = _INTEGER.search(text)
                     answers[prompt] = int(found.group()) if found else None
         return [answers[p] for p in prompts]
 
-    def evaluate(self, model, output_dir: Path | None = None, label: str = "model") -> dict:
+    def evaluate(self, policy: Policy, output_dir: Path | None = None, label: str = "model") -> dict:
         o = self.options
         source, problems = self.test_problems()
-        space, tool = self.action_space(o.eval_max_len), self.tool()
+        rationales_policy = policy.with_space(self.action_space(o.eval_max_len), self.tool())
         generator = torch.Generator().manual_seed(o.eval_seed)
         predictions = []
-        context = self.shots_context(model)
+        context = self.shots_context(policy.model)
         step = self.questions_per_batch(problems, context)
         for start in tqdm(range(0, len(problems), step), desc=f"evaluating {label}", unit="batch", leave=False):
             chunk = problems[start : start + step]
             queries = [Query(self.policy_prompt(p)) for p in chunk for _ in range(o.eval_samples)]
-            traj = sample(model, self.tokenizer, queries, space, o.eval_temperature, generator, tool, context)
+            traj = rationales_policy.sample(queries, o.eval_temperature, generator, context=context)
             rationales = traj.generated_texts(self.tokenizer)
             answer_prompts = [f"{chunk[i // o.eval_samples].question}{z}." for i, z in enumerate(rationales)]
-            answers = self.complete_answers(model, answer_prompts)
+            answers = self.complete_answers(policy, answer_prompts)
             for j, problem in enumerate(chunk):
                 rows = slice(j * o.eval_samples, (j + 1) * o.eval_samples)
                 predictions.append(_vote(problem, rationales[rows], answers[rows]))

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 
 from gfnlm.config import TrainConfig, setting
+from gfnlm.policy import Policy
 from gfnlm.report import Headline, ResultsTable, runs_table
 from gfnlm.rewards import Reward
 from gfnlm.sampling import ToolHook
@@ -67,8 +68,8 @@ class Task(ABC):
         """Stop tokens, length limits and allowed tokens of the policy."""
 
     @abstractmethod
-    def reward(self, model) -> Reward:
-        """log R for every prefix; ``model`` is the policy (LM rewards switch its adapter off)."""
+    def reward(self, policy: Policy) -> Reward:
+        """log R for every prefix; LM rewards run ``policy``'s model with its adapter switched off."""
 
     @classmethod
     def method_settings(cls, method: str, settings: dict[str, Any]) -> dict[str, Any]:
@@ -89,9 +90,9 @@ class Task(ABC):
     def tool(self) -> ToolHook | None:
         return None
 
-    def seed_records(self, model, generator: torch.Generator) -> list[TrajectoryRecord]:
-        """Known-good trajectories to put in the replay buffer before training. ``model`` is the
-        policy, for tasks that propose seeds by prompting its base model (adapter switched off);
+    def seed_records(self, policy: Policy, generator: torch.Generator) -> list[TrajectoryRecord]:
+        """Known-good trajectories to put in the replay buffer before training. ``policy`` is there
+        for tasks that propose seeds by prompting its base model (adapter switched off);
         ``generator`` (seeded with the training seed) draws any such samples."""
         return []
 
@@ -99,8 +100,13 @@ class Task(ABC):
         """``n`` target trajectories for the supervised fine-tuning baseline."""
         raise NotImplementedError(f"task {self.name!r} has no data for supervised fine-tuning")
 
-    def trainer(self, method: str, model, config: TrainConfig, ppo: PPOConfig, output_dir: Path | None) -> Trainer:
-        """The trainer of ``method`` on this task: GFlowNet fine-tuning (its buffer seeded), SFT or PPO.
+    def policy(self, model, config: TrainConfig) -> Policy:
+        """``model`` as this task's policy: its action space and tool, ``config``'s device, precision and
+        decoding settings."""
+        return Policy.from_config(model, self.tokenizer, self.action_space(), config, self.tool())
+
+    def trainer(self, method: str, policy: Policy, config: TrainConfig, ppo: PPOConfig, output_dir: Path | None) -> Trainer:
+        """The trainer of ``method`` on this task's ``policy``: GFlowNet fine-tuning (its buffer seeded), SFT or PPO.
 
         A task with a method of its own (EM's M-step, a reward model to fine-tune) overrides this
         for that method and calls ``super().trainer`` for the rest.
@@ -109,26 +115,24 @@ class Task(ABC):
         from gfnlm.baselines.sft import SFTTrainer
         from gfnlm.trainer import GFlowNetTrainer
 
-        space, queries = self.action_space(), self.train_queries()
+        queries = self.train_queries()
         if method == "gfn":
-            trainer = GFlowNetTrainer(model, self.tokenizer, self.reward(model), queries, space, config, self.tool(),
-                                      output_dir)
+            trainer = GFlowNetTrainer(policy, self.reward(policy), queries, config, output_dir)
             if trainer.latest_checkpoint() is None:  # a resumed run gets its buffer back from the checkpoint
-                seeds = self.seed_records(trainer.model, torch.Generator().manual_seed(config.seed))
+                seeds = self.seed_records(policy, torch.Generator().manual_seed(config.seed))
                 if seeds:
                     trainer.seed_buffer(seeds)
             return trainer
         if method == "ppo":
-            return PPOTrainer(model, self.tokenizer, self.reward(model), queries, space, config, ppo, self.tool(),
-                              output_dir)
+            return PPOTrainer(policy, self.reward(policy), queries, config, ppo, output_dir)
         if method == "sft":
-            return SFTTrainer(model, self.tokenizer, self.sft_examples, space, config, output_dir)
+            return SFTTrainer(policy, self.sft_examples, config, output_dir)
         raise ValueError(f"task {self.name!r} cannot train with method {method!r}; methods: {', '.join(self.train_methods)}")
 
     # ----------------------------------------------------------------- evaluation and reports
     @abstractmethod
-    def evaluate(self, model, output_dir: Path | None, label: str) -> dict:
-        """The task's metrics for ``model`` (its adapter on, if any)."""
+    def evaluate(self, policy: Policy, output_dir: Path | None, label: str) -> dict:
+        """The task's metrics for ``policy`` (its adapter on, if any), over the task's action space."""
 
     def eval_label(self, method: str, adapter: str | None) -> str:
         """How ``gfnlm eval`` names the evaluated model in tables and figures."""

@@ -47,6 +47,7 @@ from gfnlm.config import setting
 from gfnlm.data import read_lines
 from gfnlm.decoding import RULES, DecodingRule, RuleName, TokenCounter, as_batch, decode
 from gfnlm.metrics import embedding_diversity
+from gfnlm.policy import Policy
 from gfnlm.report import Headline, Pick, ResultsTable, markdown_table, read_eval, training_budget
 from gfnlm.rewards import LMStopReward, terminal_values
 from gfnlm.sentence import SENTENCE_END, allowed_tokens
@@ -141,8 +142,9 @@ class ContinuationTask(Task):
     def action_space(self) -> ActionSpace:
         return ActionSpace(self.stop_ids, self.options.max_len, self.options.min_len, self.allowed_ids)
 
-    def reward(self, model) -> LMStopReward:
-        return LMStopReward(model, self.tokenizer, self.stop_ids, allowed_token_ids=self.allowed_ids)
+    def reward(self, policy: Policy) -> LMStopReward:
+        """The base model's own distribution over one sentence: the policy's action space, its adapter off."""
+        return LMStopReward(policy)
 
     def prepare_base_model(self, model):
         """Refuses prompts that, with a whole sentence after them, would not fit the model's context."""
@@ -169,20 +171,21 @@ class ContinuationTask(Task):
     def test_prompts(self) -> list[str]:
         return self.held_out[: self.options.eval_prompts]
 
-    def evaluate(self, model, output_dir: Path | None = None, label: str = "model") -> dict:
+    def evaluate(self, policy: Policy, output_dir: Path | None = None, label: str = "model") -> dict:
         o = self.options
-        prompts, rule, space = self.test_prompts(), self.decoding_rule(), self.action_space()
+        prompts, rule = self.test_prompts(), self.decoding_rule()
         generator = torch.Generator().manual_seed(o.eval_seed)
-        counter, started, samples = TokenCounter(model), time.perf_counter(), []
+        counter, started, samples = TokenCounter(policy.model), time.perf_counter(), []
         try:
             for start in tqdm(range(0, len(prompts), o.eval_batch_prompts), desc=f"decoding ({rule.label})",
                               unit="batch", leave=False):
                 chunk = [Query(p) for p in prompts[start : start + o.eval_batch_prompts]]
-                samples += decode(model, self.tokenizer, chunk, space, rule, o.eval_samples, generator)
+                samples += decode(policy, chunk, rule, o.eval_samples, generator)
         finally:
             counter.remove()
         seconds, forward_tokens = time.perf_counter() - started, counter.total
-        per_prompt = [self._prompt_metrics(model, records) for records in samples]
+        reward = self.reward(policy)
+        per_prompt = [self._prompt_metrics(reward, records) for records in samples]
         result = {
             "label": label,
             "decoding": rule.label,
@@ -201,12 +204,12 @@ class ContinuationTask(Task):
             (output_dir / "samples.jsonl").write_text("".join(lines))
         return result
 
-    def _prompt_metrics(self, model, records) -> dict:
+    def _prompt_metrics(self, reward: LMStopReward, records) -> dict:
         """One prompt's N continuations: their log-likelihoods under the base model and the metrics."""
         from gfnlm.encoders import embed
 
-        batch = as_batch(records, self.tokenizer, next(model.parameters()).device)
-        log_lik = terminal_values(self.reward(model)(batch), batch).tolist()  # [N]
+        batch = as_batch(records, self.tokenizer, reward.policy.device)
+        log_lik = terminal_values(reward(batch), batch).tolist()  # [N]
         texts = batch.generated_texts(self.tokenizer)
         lengths = batch.lengths.tolist()
         vectors = embed([t.replace(SENTENCE_END, "") for t in texts], self.options.encoder)

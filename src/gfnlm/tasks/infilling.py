@@ -67,7 +67,8 @@ from gfnlm.rewards import (
     policy_prefix_log_likelihoods,
     terminal_values,
 )
-from gfnlm.sampling import encode_prompts, sample, text_records
+from gfnlm.policy import Policy
+from gfnlm.sampling import encode_prompts, text_records
 from gfnlm.sentence import SENTENCE_END, allowed_tokens
 from gfnlm.tasks.base import Task, TaskOptions
 from gfnlm.trainer import Trainer
@@ -162,9 +163,9 @@ class StoryOrderReward:
     every prefix in one batched pass (``LMSuffixReward``).
     """
 
-    def __init__(self, model, tokenizer):
-        self.tokenizer = tokenizer
-        self.suffix_reward = LMSuffixReward(model, tokenizer, suffix=lambda q: f"{SENTENCE_END} {q.meta['ending']}")
+    def __init__(self, policy: Policy):
+        self.tokenizer = policy.tokenizer
+        self.suffix_reward = LMSuffixReward(policy, suffix=lambda q: f"{SENTENCE_END} {q.meta['ending']}")
 
     def story_order(self, traj: Trajectories) -> Trajectories:
         records = traj.records()
@@ -242,8 +243,8 @@ class InfillingTask(Task):
     def action_space(self) -> ActionSpace:
         return ActionSpace(self.stop_ids, self.options.max_len, self.options.min_len, self.allowed_ids)
 
-    def reward(self, model) -> StoryOrderReward:
-        return StoryOrderReward(model, self.tokenizer)
+    def reward(self, policy: Policy) -> StoryOrderReward:
+        return StoryOrderReward(policy)
 
     def reference_records(self, stories: list[Story]) -> list[TrajectoryRecord]:
         """Each story's true fourth sentence as the policy writes it (without its period, the stop)."""
@@ -256,7 +257,7 @@ class InfillingTask(Task):
                              f"{space.min_len}-{space.max_len} allowed tokens ending with '.')")
         return kept
 
-    def seed_records(self, model, generator: torch.Generator) -> list[TrajectoryRecord]:
+    def seed_records(self, policy: Policy, generator: torch.Generator) -> list[TrajectoryRecord]:
         """The training stories' true fourth sentences (Table C.2's seeded buffer), those the action space can write."""
         return self.reference_records(self.train)
 
@@ -267,10 +268,10 @@ class InfillingTask(Task):
         picks = torch.randint(len(self._sft_records), (n,), generator=generator).tolist()
         return [self._sft_records[i] for i in picks]
 
-    def trainer(self, method: str, model, config: TrainConfig, ppo, output_dir: Path | None) -> Trainer:
+    def trainer(self, method: str, policy: Policy, config: TrainConfig, ppo, output_dir: Path | None) -> Trainer:
         """``story-lm``: LoRA SFT of the model on whole stories of the reward and training splits."""
         if method != "story-lm":
-            return super().trainer(method, model, config, ppo, output_dir)
+            return super().trainer(method, policy, config, ppo, output_dir)
         from gfnlm.baselines.sft import SFTTrainer
 
         if self.options.story_lm is not None:
@@ -280,7 +281,7 @@ class InfillingTask(Task):
         def draw(n: int, generator: torch.Generator) -> list[TrajectoryRecord]:
             return [records[i] for i in torch.randint(len(records), (n,), generator=generator).tolist()]
 
-        return SFTTrainer(model, self.tokenizer, draw, space, config, output_dir)
+        return SFTTrainer(policy.with_space(space), draw, config, output_dir)
 
     # ----------------------------------------------------------------- evaluation
     def eval_label(self, method: str, adapter: str | None) -> str:
@@ -288,7 +289,7 @@ class InfillingTask(Task):
                  "prompting": "prompting", "left-to-right": "left-to-right"}
         return names[method] if adapter or method in self.eval_methods else "base model (prompting)"
 
-    def evaluate(self, model, output_dir: Path | None = None, label: str = "model") -> dict:
+    def evaluate(self, policy: Policy, output_dir: Path | None = None, label: str = "model") -> dict:
         o = self.options
         stories = self.test[: o.eval_stories]
         generator = torch.Generator().manual_seed(o.eval_seed)
@@ -297,8 +298,7 @@ class InfillingTask(Task):
                           leave=False):
             chunk = stories[start : start + o.eval_batch_stories]
             queries = [self.query(s) for s in chunk for _ in range(o.eval_samples)]
-            texts = sample(model, self.tokenizer, queries, self.action_space(), o.eval_temperature,
-                           generator).generated_texts(self.tokenizer)
+            texts = policy.sample(queries, o.eval_temperature, generator).generated_texts(self.tokenizer)
             infills += [[t.strip() + SENTENCE_END for t in texts[i : i + o.eval_samples]]
                         for i in range(0, len(texts), o.eval_samples)]
         flat = [(story, z) for story, zs in zip(stories, infills) for z in zs]
@@ -308,7 +308,7 @@ class InfillingTask(Task):
             "bleu4": [bleu4(z, s.middle) for s, z in flat],
             "gleu4": [gleu4(z, s.middle) for s, z in flat],
             "sacrebleu": [sacrebleu4(z, s.middle) for s, z in flat],
-            "log_p_ending": self.ending_log_likelihoods(model, stories, infills),
+            "log_p_ending": self.ending_log_likelihoods(policy, stories, infills),
         }
         k = o.eval_samples
         result = {"label": label}
@@ -319,7 +319,7 @@ class InfillingTask(Task):
         result |= {
             "distinct": statistics.mean(len(set(zs)) for zs in infills),
             "mean_words": statistics.mean(len(z.split()) for _, z in flat),
-            "story_log_likelihood": self.story_log_likelihood(model, stories),
+            "story_log_likelihood": self.story_log_likelihood(policy, stories),
             "n_stories": len(stories), "eval_samples": k, "eval_temperature": o.eval_temperature,
             "infill_prompt": o.infill_prompt, "story_lm": o.story_lm,
             "bertscore_model": scorer.backbone, "bertscore_layer": scorer.layer,
@@ -352,13 +352,13 @@ class InfillingTask(Task):
         return BertScore(o.bertscore_model, layer, pairs)
 
     @torch.no_grad()
-    def ending_log_likelihoods(self, model, stories: list[Story], infills: list[list[str]]) -> list[float]:
+    def ending_log_likelihoods(self, policy: Policy, stories: list[Story], infills: list[list[str]]) -> list[float]:
         """log p(Y | X Z) of each infill under the story LM (the base model): does Z lead to the end?"""
-        out = []
+        out, model = [], policy.model
         with adapter_disabled(model), eval_mode(model):
             for story, zs in zip(stories, infills):
                 records = text_records(self.tokenizer, [(Query(story.beginning), " " + z) for z in zs])
-                traj = Trajectories.from_records(records, self.tokenizer.pad_token_id, next(model.parameters()).device)
+                traj = Trajectories.from_records(records, self.tokenizer.pad_token_id, policy.device)
                 ending = self.tokenizer(" " + story.ending, add_special_tokens=False)["input_ids"]
                 out += lm_continuation_log_likelihoods(model, traj, [ending])[:, 0].tolist()
         return out
@@ -369,15 +369,15 @@ class InfillingTask(Task):
         return records, ActionSpace(stop_token_ids(self.tokenizer), max_len=max(r.length for r in records) + 1)
 
     @torch.no_grad()
-    def story_log_likelihood(self, model, stories: list[Story]) -> float:
-        """Mean log p(sentences 2-5, EOS | sentence 1) per story under ``model`` as evaluated (the story LM's objective)."""
+    def story_log_likelihood(self, policy: Policy, stories: list[Story]) -> float:
+        """Mean log p(sentences 2-5, EOS | sentence 1) per story under ``policy``'s model as evaluated (the story
+        LM's objective)."""
         records, space = self.story_records(stories)
-        values = []
-        with eval_mode(model):
+        values, story_policy = [], policy.with_space(space)
+        with eval_mode(policy.model):
             for start in range(0, len(records), 32):
-                traj = Trajectories.from_records(records[start : start + 32], self.tokenizer.pad_token_id,
-                                                 next(model.parameters()).device)
-                values += terminal_values(policy_prefix_log_likelihoods(model, traj, space), traj).tolist()
+                traj = Trajectories.from_records(records[start : start + 32], self.tokenizer.pad_token_id, policy.device)
+                values += terminal_values(policy_prefix_log_likelihoods(story_policy, traj), traj).tolist()
         return statistics.mean(values)
 
     # ----------------------------------------------------------------- reports

@@ -27,7 +27,8 @@ from gfnlm.exact import exact_outcome_distribution, token_strings
 from gfnlm.metrics import js_divergence, kl_divergence, normalise, total_variation
 from gfnlm.report import Headline, Pick, ResultsTable, read_eval
 from gfnlm.rewards import TextReward
-from gfnlm.sampling import sample, text_records
+from gfnlm.policy import Policy
+from gfnlm.sampling import text_records
 from gfnlm.tasks.base import Task, TaskOptions
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
 
@@ -110,7 +111,7 @@ class RandomNumberTask(Task):
         values = (self.parse(t) for t in texts)
         return [self.log_target[v] if v is not None else self.options.invalid_log_reward for v in values]
 
-    def reward(self, model) -> TextReward:
+    def reward(self, policy: Policy) -> TextReward:
         return TextReward(self.log_reward, self.tokenizer, skip_special_tokens=False)
 
     def sft_examples(self, n: int, generator: torch.Generator) -> list[TrajectoryRecord]:
@@ -135,36 +136,35 @@ class RandomNumberTask(Task):
             self._digit_vocab = {t: s for t, s in token_strings(self.tokenizer).items() if s.isascii() and s.isdigit()}
         return self._digit_vocab
 
-    def exact_distribution(self, model) -> tuple[list[float], float]:
+    def exact_distribution(self, policy: Policy) -> tuple[list[float], float]:
         """Policy probability of each integer low..high (not renormalised) and the valid mass."""
-        dist = exact_outcome_distribution(
-            model, self.tokenizer, self.train_queries()[0], self.action_space(),
-            self.is_valid_prefix, self.parse, self.digit_vocabulary(),
-        )
+        dist = exact_outcome_distribution(policy, self.train_queries()[0], self.is_valid_prefix, self.parse,
+                                          self.digit_vocabulary())
         return [dist.probabilities.get(n, 0.0) for n in self.integers], dist.valid_mass
 
-    def sample_integers(self, model, n: int, seed: int = 0) -> list[int | None]:
+    def sample_integers(self, policy: Policy, n: int, seed: int = 0) -> list[int | None]:
         generator = torch.Generator().manual_seed(seed)
-        query, space = self.train_queries()[0], self.action_space()
+        query = self.train_queries()[0]
         out: list[int | None] = []
         while len(out) < n:
             batch = min(self.options.eval_batch_size, n - len(out))
-            traj = sample(model, self.tokenizer, [query] * batch, space, generator=generator)
+            traj = policy.sample([query] * batch, generator=generator)
             out += [self.parse(t) for t in traj.generated_texts(self.tokenizer, skip_special_tokens=False)]
         return out
 
-    def evaluate(self, model, output_dir: Path | None = None, label: str = "model", n_samples: int | None = None) -> dict:
-        probs, valid_mass = self.exact_distribution(model)
-        policy = normalise(probs) if valid_mass > 0 else [0.0] * len(probs)
+    def evaluate(self, policy: Policy, output_dir: Path | None = None, label: str = "model",
+                 n_samples: int | None = None) -> dict:
+        probs, valid_mass = self.exact_distribution(policy)
+        on_valid = normalise(probs) if valid_mass > 0 else [0.0] * len(probs)
         n = self.options.eval_samples if n_samples is None else n_samples
-        draws = self.sample_integers(model, n) if n > 0 else []
+        draws = self.sample_integers(policy, n) if n > 0 else []
         counts = Counter(d for d in draws if d is not None)
         result = {
             "label": label,
             "valid_mass": valid_mass,
-            "kl": kl_divergence(policy, self.target_probs),
-            "tv": total_variation(policy, self.target_probs),
-            "js": js_divergence(policy, self.target_probs),
+            "kl": kl_divergence(on_valid, self.target_probs),
+            "tv": total_variation(on_valid, self.target_probs),
+            "js": js_divergence(on_valid, self.target_probs),
             "sampled_valid_fraction": (sum(counts.values()) / n) if n else None,
             "n_samples": n,
             "integers": self.integers,

@@ -54,7 +54,8 @@ from gfnlm.exact import token_strings
 from gfnlm.modes import adapter_disabled, eval_mode
 from gfnlm.report import Headline, Pick, ResultsTable, markdown_table, mean_std, one_folder
 from gfnlm.rewards import LMSuffixReward, lm_continuation_log_likelihoods
-from gfnlm.sampling import encode_prompts, require_pad_token, sample
+from gfnlm.policy import Policy
+from gfnlm.sampling import encode_prompts, require_pad_token
 from gfnlm.tasks.base import Task, TaskOptions, likelihood_weight_setting
 from gfnlm.trainer import Trainer
 from gfnlm.trajectories import ActionSpace, Query, Trajectories, TrajectoryRecord
@@ -248,29 +249,28 @@ class SubjectivityTask(Task):
         """Tokens of the longest label answer without its ".": the stop is never forced before "."."""
         return max(map(len, self.answer_ids(template)))
 
-    def reward(self, model) -> LMSuffixReward:
-        return LMSuffixReward(model, self.tokenizer, likelihood_weight=self.options.reward_likelihood_weight)
+    def reward(self, policy: Policy) -> LMSuffixReward:
+        return LMSuffixReward(policy, likelihood_weight=self.options.reward_likelihood_weight)
 
-    def seed_records(self, model, generator: torch.Generator) -> list[TrajectoryRecord]:
+    def seed_records(self, policy: Policy, generator: torch.Generator) -> list[TrajectoryRecord]:
         """Rationales the base model proposes when told the label (inverse prompting, paper App. D)."""
         if not (self.options.rationales and self.options.seed_buffer):
             return []
         n = self.options.inverse_prompt_samples
         inverse = [Query(INVERSE_PROMPT.format(text=r.text, label=r.label_text)) for r in self.train for _ in range(n)]
-        with adapter_disabled(model):
-            proposed = self._sample_records(model, inverse, generator)
+        with adapter_disabled(policy.model):
+            proposed = self._sample_records(policy, inverse, generator)
         policy_queries = [self.query(r) for r in self.train for _ in range(n)]
         prompts = encode_prompts(self.tokenizer, policy_queries)
         return [TrajectoryRecord(q, p, r.generated_ids, r.is_action)
                 for q, p, r in zip(policy_queries, prompts, proposed)]
 
-    def _sample_records(self, model, queries: list[Query], generator: torch.Generator,
+    def _sample_records(self, policy: Policy, queries: list[Query], generator: torch.Generator,
                         batch: int = 128) -> list[TrajectoryRecord]:
-        """One rationale per query at temperature 1, in batches."""
-        records = []
+        """One rationale per query at temperature 1, in batches, in the rationale policy's action space."""
+        records, rationales = [], policy.with_space(self.action_space())
         for start in range(0, len(queries), batch):
-            chunk = queries[start : start + batch]
-            records += sample(model, self.tokenizer, chunk, self.action_space(), 1.0, generator).records()
+            records += rationales.sample(queries[start : start + batch], 1.0, generator).records()
         return records
 
     def sft_examples(self, n: int, generator: torch.Generator) -> list[TrajectoryRecord]:
@@ -294,30 +294,30 @@ class SubjectivityTask(Task):
         return [TrajectoryRecord(q, p, words[r.label], [True] * len(words[r.label]))
                 for q, p, r in zip(queries, prompts, self.train)]
 
-    def trainer(self, method: str, model, config: TrainConfig, ppo, output_dir: Path | None) -> Trainer:
+    def trainer(self, method: str, policy: Policy, config: TrainConfig, ppo, output_dir: Path | None) -> Trainer:
         """``em``: the M-step, SFT of a second LoRA on log p(Z Y | X) for rationales of the E-step's policy."""
         if method != "em":
-            return super().trainer(method, model, config, ppo, output_dir)
+            return super().trainer(method, policy, config, ppo, output_dir)
         if not self.options.e_step_run:
             raise ConfigError("--method em needs --e_step_run GFN_RUN: the GFlowNet run whose policy gives the rationales")
         if config.lora_rank == 0:
             raise ConfigError("--method em trains a second LoRA adapter beside the E-step's: lora_rank must be > 0")
-        trainer = SFTTrainer(model, self.tokenizer, self.sft_examples, self.lm_space(), config, output_dir)
-        self.prepare_m_step(trainer.model, torch.Generator().manual_seed(config.seed))
+        trainer = SFTTrainer(policy.with_space(self.lm_space()), self.sft_examples, config, output_dir)
+        self.prepare_m_step(trainer.policy, torch.Generator().manual_seed(config.seed))
         return trainer
 
-    def prepare_m_step(self, model, generator: torch.Generator) -> None:
+    def prepare_m_step(self, policy: Policy, generator: torch.Generator) -> None:
         """EM: draw ``m_step_samples`` rationales per training review from the E-step policy, after
         which ``sft_examples`` trains the LM on log p(Z Y | X) for them (in ``lm_space``).
 
-        ``model`` is the M-step trainer's: its own fresh adapter is active; the E-step adapter is
+        ``policy`` is the M-step trainer's: its own fresh adapter is active; the E-step adapter is
         loaded beside it for the sampling and removed afterwards, leaving the trainable parameters as
         they were. (The paper writes log p(X Z Y); log p(X) does not depend on Z and is left out.)
         """
         n = self.options.m_step_samples
-        with self.rationale_policy(model):
-            proposed = self._sample_records(model, [self.query(r) for r in self.train for _ in range(n)], generator)
-        model.delete_adapter(E_STEP_ADAPTER)
+        with self.rationale_policy(policy.model):
+            proposed = self._sample_records(policy, [self.query(r) for r in self.train for _ in range(n)], generator)
+        policy.model.delete_adapter(E_STEP_ADAPTER)
         answers = self.answer_ids(", so it is {}")  # Y without its ".", the stop
         records = []
         for record in proposed:
@@ -375,8 +375,8 @@ class SubjectivityTask(Task):
         with self.answering_model(model), eval_mode(model):
             return lm_continuation_log_likelihoods(model, traj, answers, context).cpu()
 
-    def evaluate(self, model, output_dir: Path | None = None, label: str = "model") -> dict:
-        o = self.options
+    def evaluate(self, policy: Policy, output_dir: Path | None = None, label: str = "model") -> dict:
+        o, model = self.options, policy.model
         source, reviews = self.test_reviews()
         samples = o.eval_samples if o.rationales else 1
         context = None if o.rationales else self.few_shot_context(model)
@@ -388,10 +388,10 @@ class SubjectivityTask(Task):
             queries = [Query(r.prompt()) for r in chunk for _ in range(samples)]
             if o.rationales:
                 with self.rationale_policy(model):
-                    traj = sample(model, self.tokenizer, queries, self.action_space(), o.eval_temperature, generator)
+                    traj = policy.sample(queries, o.eval_temperature, generator)
             else:
                 records = [TrajectoryRecord(q, p, [], []) for q, p in zip(queries, encode_prompts(self.tokenizer, queries))]
-                traj = Trajectories.from_records(records, require_pad_token(self.tokenizer), next(model.parameters()).device)
+                traj = Trajectories.from_records(records, require_pad_token(self.tokenizer), policy.device)
             rationales = [z.strip() for z in traj.generated_texts(self.tokenizer)] if o.rationales else [""] * len(queries)
             log_odds = self.label_log_probs(model, traj, context).diff(dim=1).squeeze(1)  # [N] subjective - objective
             for j, review in enumerate(chunk):
