@@ -3,7 +3,8 @@
 
 * ``step``: one GFlowNet step on fixed micro-batches (rank r's from ``fixed_batch(r)``); each rank saves its
   trainable parameters and log Z to OUT/rank{r}.pt.
-* ``train STEPS``: the real trainer for STEPS steps into OUT (resuming when OUT has checkpoints).
+* ``train STEPS``: the real trainer for STEPS steps into OUT (resuming when OUT has checkpoints); each rank saves
+  its trainable parameters and log Z to OUT/rank{r}.pt.
 * ``exact``: train to the known target of test_exactness (for two queries, one a rank at a time); rank 0
   writes each query's total variation to OUT/tv.json.
 * ``crash``: rank 1 fails at its first step; rank 0 must stop with an error, not wait forever.
@@ -70,6 +71,7 @@ def main() -> None:
     elif mode == "train":
         trainer = make_trainer(out, steps=int(sys.argv[3]), samples_per_query=4, p_replay=0.3)
         trainer.train(resume=trainer.latest_checkpoint() is not None)
+        torch.save(trained_state(trainer), out / f"rank{trainer.ranks.rank}.pt")
     elif mode == "exact":
         from test_exactness import SEQUENCES, TableReward
 

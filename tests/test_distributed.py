@@ -69,6 +69,9 @@ def test_two_process_kill_and_resume_gives_identical_metrics(tmp_path):
         assert done.returncode == 0, done.stderr[-3000:]
     whole, part = _metrics(tmp_path / "whole"), _metrics(tmp_path / "part")
     assert len(whole) == 4 and part == whole
+    ranks = [torch.load(tmp_path / "whole" / f"rank{r}.pt") for r in (0, 1)]  # sampling never unhooks DDP's averaging
+    for name, value in ranks[0]["params"].items():
+        assert torch.equal(value, ranks[1]["params"][name]), name
     state = torch.load(sorted((tmp_path / "part" / "checkpoints").glob("step-*"))[-1] / "trainer_state.pt")
     assert len(state["ranks"]) == 2 and state["ranks"][0]["buffer"] != state["ranks"][1]["buffer"]
     single = worker.make_trainer(tmp_path / "part", steps=6, samples_per_query=4, p_replay=0.3)

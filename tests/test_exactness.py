@@ -60,8 +60,8 @@ def test_trained_policy_matches_target(tokenizer, loss, min_len, device, lora_ra
     space = ActionSpace(stop_token_ids=(STOP,), max_len=MAX_LEN, min_len=min_len, allowed_token_ids=ALLOWED)
     reward = TableReward(seed=1, min_len=min_len)
     config = TrainConfig(
-        steps=300, queries_per_step=1, samples_per_query=32, lr=3e-3 if lora_rank == 0 else 5e-3, lora_rank=lora_rank,
-        lora_alpha=2 * lora_rank, loss=loss, log_z_lr=0.1,
+        steps=300, queries_per_step=1, samples_per_query=32, lr=3e-3, lora_rank=lora_rank, lora_alpha=2 * lora_rank,
+        lr_decay="constant" if lora_rank == 0 else "cosine", loss=loss, log_z_lr=0.1,
         p_replay=0.2, p_tempered=0.4, pf_temp_min=1.0, pf_temp_max=2.0, max_grad_norm=10.0, device=device,
         progress=False, seed=0,
     )

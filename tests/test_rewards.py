@@ -66,6 +66,15 @@ def test_suffix_reward_matches_per_prefix_passes(tiny_lm, tokenizer, batch):
         LMSuffixReward(policy_of(tiny_lm, tokenizer), likelihood_weight=-1.0)
 
 
+def test_a_one_token_suffix_needs_no_copies(tiny_lm, batch):
+    """Y's first token is read at the state itself; with one-token suffixes nothing is packed behind the rows."""
+    suffixes = [[7]] * len(batch)
+    fast = lm_prefix_log_likelihoods(tiny_lm, batch, suffix_ids=suffixes)
+    slow = per_prefix_log_likelihoods(tiny_lm, batch, suffix_ids=suffixes)
+    for b, n in enumerate(batch.lengths.tolist()):
+        torch.testing.assert_close(fast[b, : n + 1], slow[b, : n + 1], atol=1e-4, rtol=1e-5)
+
+
 @pytest.mark.parametrize("weights", [(1.0, 1.0), (0.5, 3.0)])
 def test_terminal_suffix_reward_equals_the_full_rewards_last_state(tiny_lm, tokenizer, batch, weights):
     """The buffer-seeding path (two plain passes) gives every row's terminal log R of the full

@@ -142,16 +142,21 @@ def test_text_records_write_each_text_after_its_prompt(tokenizer):
 
 
 @pytest.mark.parametrize("temperature", [0.0, 1.0])
-def test_static_cache_samples_the_same_tokens_with_the_same_log_probs(tiny_lm, tokenizer, temperature):
+def test_static_cache_samples_the_same_tokens_with_the_same_log_probs(tiny_lm, tokenizer, temperature, monkeypatch):
     """The preallocated cache changes where keys and values live, not what is sampled: greedy and
     seeded sampling agree token for token, with a tool whose insertions outgrow the first buffers."""
-    space = ActionSpace(stop_token_ids=(STOP,), max_len=6, min_len=1, allowed_token_ids=DIGITS + (PLUS,))
-    chatty_tool = lambda query, generated: [14, 14]  # noqa: E731  (after every action: 3 columns per action)
+    import gfnlm.sampling
+
+    space = ActionSpace(stop_token_ids=(STOP,), max_len=6, min_len=5, allowed_token_ids=DIGITS + (PLUS,))
+    chatty_tool = lambda query, generated: [14] * 6  # noqa: E731  (7 columns per action: 35 or more in all)
+    copies = []
+    static_copy = gfnlm.sampling._static_copy
+    monkeypatch.setattr(gfnlm.sampling, "_static_copy", lambda *args: copies.append(args[3]) or static_copy(*args))
     runs = [make_policy(tiny_lm, tokenizer, space, chatty_tool, static_cache=static).sample(
         queries(12), temperature, torch.Generator().manual_seed(3)) for static in (False, True)]
     growing, static = runs
     assert torch.equal(growing.input_ids, static.input_ids) and torch.equal(growing.is_action, static.is_action)
-    assert growing.lengths.max() >= 2, "the insertions must outgrow the first buffers (room for max_len + 1)"
+    assert len(copies) >= 2 and copies == sorted(copies), copies  # the prompts' copy, then at least one regrowth
     torch.testing.assert_close(static.sampling_log_pf, growing.sampling_log_pf, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(static.sampling_log_pterm, growing.sampling_log_pterm, atol=1e-5, rtol=1e-5)
 

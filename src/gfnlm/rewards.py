@@ -86,11 +86,13 @@ def terminal_log_rewards(reward: Reward, traj: Trajectories) -> Tensor:
 
 
 def _packed_suffix_inputs(traj: Trajectories, suffix_ids: Sequence[Sequence[int]], pad_id: int, dtype: torch.dtype):
-    """Append T+1 copies of each row's suffix Y behind the trajectory, with a 4D additive mask.
+    """Append T+1 copies of each row's suffix Y, less its last token, behind the trajectory, with a 4D additive mask.
 
-    Returns input ids [B, L + S], position ids [B, L + S] and mask [B, 1, L + S, L + S],
-    with S = (T+1) * m and m the longest suffix. Copy i of row b holds Y_b in columns
-    L + i*m ... and sees the real tokens of state s_i plus its own earlier tokens.
+    Y's first token is predicted from the state itself, and each copy's token k predicts Y's token k+1, so a
+    copy needs Y's first m - 1 tokens (the m-th would predict nothing). Returns input ids [B, L + S], position
+    ids [B, L + S], the mask [B, 1, L + S, L + S] (S = (T+1)(m-1), m the longest suffix), the suffixes
+    [B, m] and which of their tokens are real [B, m]. Copy i of row b sees the real tokens of state s_i
+    and its own earlier real tokens.
     """
     device = traj.input_ids.device
     batch, width = traj.input_ids.shape
@@ -101,11 +103,12 @@ def _packed_suffix_inputs(traj: Trajectories, suffix_ids: Sequence[Sequence[int]
     for b, ids in enumerate(suffix_ids):
         suffix[b, : len(ids)] = torch.tensor(list(ids), dtype=torch.long, device=device)
         suffix_real[b, : len(ids)] = True
-    total = width + num_states * m
+    c = m - 1  # tokens per copy
+    total = width + num_states * c
     state_cols = traj.state_columns()  # [B, T+1]
     positions = traj.position_ids  # [B, L]
-    copy_pos = positions.gather(1, state_cols)[:, :, None] + 1 + torch.arange(m, device=device)  # [B, T+1, m]
-    input_ids = torch.cat([traj.input_ids, suffix[:, None, :].expand(-1, num_states, -1).reshape(batch, -1)], 1)
+    copy_pos = positions.gather(1, state_cols)[:, :, None] + 1 + torch.arange(c, device=device)  # [B, T+1, c]
+    input_ids = torch.cat([traj.input_ids, suffix[:, None, :c].expand(-1, num_states, -1).reshape(batch, -1)], 1)
     position_ids = torch.cat([positions, copy_pos.reshape(batch, -1)], dim=1)
 
     real_main = traj.attention_mask.bool()  # [B, L]
@@ -115,13 +118,13 @@ def _packed_suffix_inputs(traj: Trajectories, suffix_ids: Sequence[Sequence[int]
     allowed[:, :width, :width] = (col[None, :, None] >= col[None, None, :]) & real_main[:, None, :]
     # copy i of Y sees the real tokens of state s_i ...
     sees_prefix = (col[None, None, :] <= state_cols[:, :, None]) & real_main[:, None, :]  # [B, T+1, L]
-    allowed[:, width:, :width] = sees_prefix[:, :, None, :].expand(-1, -1, m, -1).reshape(batch, -1, width)
+    allowed[:, width:, :width] = sees_prefix[:, :, None, :].expand(-1, -1, c, -1).reshape(batch, -1, width)
     # ... and its own earlier real tokens, causally
-    k = torch.arange(m, device=device)
-    own = (k[:, None] >= k[None, :])[None] & suffix_real[:, None, :]  # [B, m, m]
+    k = torch.arange(c, device=device)
+    own = (k[:, None] >= k[None, :])[None] & suffix_real[:, None, :c]  # [B, c, c]
     for i in range(num_states):
-        lo = width + i * m
-        allowed[:, lo : lo + m, lo : lo + m] = own
+        lo = width + i * c
+        allowed[:, lo : lo + c, lo : lo + c] = own
     allowed |= torch.eye(total, dtype=torch.bool, device=device)[None]  # padding attends to itself: no NaN rows
     mask = torch.zeros((batch, 1, total, total), dtype=dtype, device=device)
     mask.masked_fill_(~allowed[:, None], torch.finfo(dtype).min)
@@ -163,14 +166,15 @@ def lm_prefix_log_likelihoods(
         else:
             mask = context.mask(mask)
     hidden, _ = shared_prompt_hidden(model, traj, input_ids, position_ids, mask, context)  # [B, total - start, H]
-    # log-prob of the next token of the packed sequence (trajectory, then suffix copies), where it counts
-    next_ids = torch.cat([input_ids[:, start + 1 :], input_ids[:, -1:]], dim=1)  # [B, total - start]
+    # the token each column predicts, where it counts: the trajectory's next token, then in the copies Y's next
     live = state_mask(traj.lengths, traj.horizon + 1)  # [B, T+1]: states s_0 .. s_{n_b}
+    next_ids = torch.cat([input_ids[:, start + 1 : width], input_ids[:, :1]], dim=1)  # [B, width - start]
     scored = torch.zeros(next_ids.shape, dtype=torch.bool, device=next_ids.device)
     scored[:, : width - traj.prompt_len] = traj.attention_mask[:, traj.prompt_len :].bool()  # real generated tokens
-    if suffix_ids is not None:  # Y's tokens 2..m in the copies of live states
-        predicts_real = torch.cat([suffix_real[:, 1:], torch.zeros_like(suffix_real[:, :1])], dim=1)  # [B, m]
-        scored[:, width - start :] = (live[:, :, None] & predicts_real[:, None, :]).reshape(batch, -1)
+    if suffix_ids is not None:  # Y's tokens 2..m, predicted in the copies of live states
+        copies = live.shape[1]
+        next_ids = torch.cat([next_ids, suffix[:, None, 1:].expand(-1, copies, -1).reshape(batch, -1)], dim=1)
+        scored = torch.cat([scored, (live[:, :, None] & suffix_real[:, None, 1:]).reshape(batch, -1)], dim=1)
     next_lp = head_log_probs(model, hidden, next_ids[..., None], keep=scored).squeeze(-1)  # [B, total - start]
     state_cols = traj.state_columns()  # [B, T+1]
 
@@ -195,8 +199,7 @@ def lm_prefix_log_likelihoods(
         if suffix_ids is not None:
             likelihood = likelihood + cand_lp[..., n_stop]
     if suffix_ids is not None:
-        num_states, m = state_cols.shape[1], suffix.shape[1]
-        rest = next_lp[:, width - start :].reshape(batch, num_states, m)[:, :, :-1]  # Y's tokens 2..m
+        rest = next_lp[:, width - start :].reshape(batch, state_cols.shape[1], suffix.shape[1] - 1)  # Y's tokens 2..m
         likelihood = likelihood + (rest * suffix_real[:, None, 1:]).sum(dim=2)
     return prior_weight * prior + likelihood_weight * likelihood
 

@@ -20,6 +20,7 @@ the cache to grow it. The tokens and log-probs are those of the growing cache.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
@@ -33,6 +34,9 @@ from gfnlm.trajectories import ActionLayout, Query, TrajectoryRecord, Trajectori
 if TYPE_CHECKING:
     from gfnlm.context import SharedContext
     from gfnlm.policy import Policy
+
+STATIC_CACHE_BUCKET = 32
+"""Static caches are allocated in multiples of this many columns, so that compiled steps see few shapes."""
 
 
 class Tool:
@@ -187,6 +191,10 @@ def sample(
     recorded in ``sampling_log_pf`` / ``sampling_log_pterm`` are those of the policy itself
     (temperature 1, action-space mask and forced stop applied), which is what the scorer computes.
     ``generator`` must live on the CPU; draws are made from it so runs are reproducible across devices.
+
+    Every decoding step feeds one token per row: the action the row just chose, or the next token
+    a tool inserted after its previous action (the row chooses again once they are all in), or
+    nothing once it has stopped. Steps never widen, so a compiled step serves every one of them.
     """
     model, space, tool = policy.model, policy.space, policy.tool
     pad_id = require_pad_token(policy.tokenizer)
@@ -197,84 +205,98 @@ def sample(
     prompts = encode_prompts(policy.tokenizer, queries)
     prompt_batch = Trajectories.from_records([TrajectoryRecord(q, p, [], []) for q, p in zip(queries, prompts)],
                                              pad_id, device)  # prompts left-padded
-    with eval_mode(model):
+    steps: list[_Step] = []
+    with eval_mode(model), policy.adapters_in_compute_dtype():
         head = PolicyHead(model, layout)
         triggers = _trigger_columns(tool, layout)
         decoder = _Decoder(policy, prompt_batch, context, new_tokens=space.max_len + 1)
         hidden = decoder.prefill()  # [B, H]
-        steps: list[tuple[Tensor, Tensor, Tensor, Tensor]] = []  # per step: token [B], acted [B], log_pf [B], log_pterm [B]
-        insertions: dict[tuple[int, int], list[int]] = {}  # (row, step) -> the tool's tokens after that action
+        pending: dict[int, list[int]] = {}  # row -> inserted tokens still to feed
+        n_actions = torch.zeros(batch, dtype=torch.long, device=device)
         done = torch.zeros(batch, dtype=torch.bool, device=device)
-        for step in range(space.max_len + 1):  # every row still going has taken exactly `step` actions
-            log_probs = layout.log_probs(head(hidden), step)  # [B, A] the policy itself
+        feeding = torch.zeros(batch, dtype=torch.bool, device=device)  # rows with inserted tokens to feed
+        while True:
+            chooses = ~done & ~feeding  # rows at the end of a state: they act or stop
+            counts = len(steps) if tool is None else n_actions  # without a tool every going row is at step len(steps)
+            log_probs = layout.log_probs(head(hidden), counts)  # [B, A] the policy itself
             column = _choose(log_probs, temps, top_k, top_p, generator)  # [B]
-            acts = ~done & ~layout.is_stop[column]
-            token = torch.where(acts, layout.tokens(column), pad_id)
-            log_pf = torch.where(acts, log_probs.gather(1, column[:, None]).squeeze(1), 0.0)
-            steps.append((token, acts, log_pf, torch.where(done, 0.0, layout.stop_log_prob(log_probs))))
-            done |= ~acts
+            acts = chooses & ~layout.is_stop[column]
+            step = _Step(token=torch.where(acts, layout.tokens(column), pad_id), acted=acts, fed=feeding.clone(),
+                         chose=chooses, log_pf=log_probs.gather(1, column[:, None]).squeeze(1),
+                         log_pterm=layout.stop_log_prob(log_probs))
+            steps.append(step)
+            done |= chooses & ~acts
+            n_actions += acts.long()
+            if pending:
+                _feed_inserted(step, pending, feeding)
+            if triggers is not None and bool((fire := acts & triggers[column]).any()):
+                _ask_tool(policy, queries, steps, fire, pending, feeding)
             if bool(done.all()):
                 break
-            chunk, chunk_mask = token[:, None], acts[:, None]  # [B, 1]
-            if triggers is not None and bool((fire := acts & triggers[column]).any()):
-                chunk, chunk_mask = _insert(policy, queries, steps, insertions, fire, pad_id)  # [B, 1 + insertion]
-            hidden = decoder.step(chunk, chunk_mask)
-    return _collate(policy, queries, prompts, steps, insertions, pad_id)
+            hidden = decoder.step(step.token[:, None], (step.acted | step.fed)[:, None])
+    return _collate(policy, queries, prompts, steps, pad_id)
 
 
-def _generated_so_far(steps: list[tuple[Tensor, ...]], insertions: dict[tuple[int, int], list[int]], row: int) -> list[int]:
-    ids = []
-    for step, (token, acts, _, _) in enumerate(steps):
-        if bool(acts[row]):
-            ids.append(int(token[row]))
-            ids += insertions.get((row, step), [])
-    return ids
+@dataclass
+class _Step:
+    """One decoding step of every row ([B] each): the token it fed (an action, an inserted token or padding),
+    and the policy's log-probs of the chosen column and of stopping, for the rows that chose."""
+
+    token: Tensor  # long
+    acted: Tensor  # bool: the token is an action
+    fed: Tensor  # bool: the token is a tool's insertion
+    chose: Tensor  # bool: the row acted or stopped
+    log_pf: Tensor
+    log_pterm: Tensor
 
 
-def _insert(policy: Policy, queries: Sequence[Query], steps: list[tuple[Tensor, ...]],
-            insertions: dict[tuple[int, int], list[int]], fire: Tensor, pad_id: int) -> tuple[Tensor, Tensor]:
-    """Ask the tool about the rows in ``fire`` [B] (they just wrote a trigger token); record what it inserts.
-    Returns this step's chunk and its mask [B, 1 + longest insertion]: each row's action, then its insertion."""
-    step, (token, acts) = len(steps) - 1, steps[-1][:2]
-    rows = fire.nonzero().flatten().tolist()
-    for row in rows:
-        inserted = list(policy.tool(queries[row], _generated_so_far(steps, insertions, row)))
+def _feed_inserted(step: _Step, pending: dict[int, list[int]], feeding: Tensor) -> None:
+    """This step's tokens of the rows still feeding a tool's insertion (one each, in order), in place."""
+    for row in feeding.nonzero().flatten().tolist():
+        step.token[row] = pending[row].pop(0)
+        if not pending[row]:
+            del pending[row]
+            feeding[row] = False
+
+
+def _ask_tool(policy: Policy, queries: Sequence[Query], steps: list[_Step], fire: Tensor,
+              pending: dict[int, list[int]], feeding: Tensor) -> None:
+    """Ask the tool about the rows in ``fire`` [B] (they just wrote a trigger token); queue what it inserts."""
+    for row in fire.nonzero().flatten().tolist():
+        generated = [int(s.token[row]) for s in steps if bool(s.acted[row] | s.fed[row])]
+        inserted = list(policy.tool(queries[row], generated))
         if inserted:
-            insertions[(row, step)] = inserted
-    width = 1 + max((len(insertions.get((row, step), [])) for row in rows), default=0)
-    chunk = torch.full((len(queries), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(queries), width), dtype=torch.bool)
-    chunk[:, 0], mask[:, 0] = token.cpu(), acts.cpu()
-    for row in rows:
-        inserted = insertions.get((row, step), [])
-        chunk[row, 1 : 1 + len(inserted)] = torch.tensor(inserted, dtype=torch.long)
-        mask[row, 1 : 1 + len(inserted)] = True
-    return chunk.to(token.device), mask.to(token.device)
+            pending[row] = inserted
+            feeding[row] = True
 
 
-def _collate(policy: Policy, queries: Sequence[Query], prompts: list[list[int]], steps: list[tuple[Tensor, ...]],
-             insertions: dict[tuple[int, int], list[int]], pad_id: int) -> Trajectories:
+def _collate(policy: Policy, queries: Sequence[Query], prompts: list[list[int]], steps: list[_Step],
+             pad_id: int) -> Trajectories:
     """The sampled batch, with the log-probs recorded while sampling ([B, T], [B, T+1])."""
-    tokens, acted, log_pf, log_pterm = (torch.stack(parts, dim=1) for parts in zip(*steps))  # [B, S] each
-    records = []
-    for row, (query, prompt, row_tokens, row_acted) in enumerate(zip(queries, prompts, tokens.tolist(), acted.tolist())):
-        generated: list[int] = []
-        is_action: list[bool] = []
-        for step, (tok, act) in enumerate(zip(row_tokens, row_acted)):
-            if act:
-                inserted = insertions.get((row, step), [])
-                generated += [tok, *inserted]
-                is_action += [True] + [False] * len(inserted)
-        records.append(TrajectoryRecord(query, prompt, generated, is_action))
+    columns = {name: torch.stack([getattr(s, name) for s in steps], dim=1).tolist()  # [B, S] each
+               for name in ("token", "acted", "fed", "chose", "log_pf", "log_pterm")}
+    records, log_pf, log_pterm = [], [], []
+    for row, (query, prompt) in enumerate(zip(queries, prompts)):
+        token, acted, fed, chose = (columns[name][row] for name in ("token", "acted", "fed", "chose"))
+        kept = [k for k in range(len(steps)) if acted[k] or fed[k]]
+        records.append(TrajectoryRecord(query, prompt, [token[k] for k in kept], [acted[k] for k in kept]))
+        log_pf.append([columns["log_pf"][row][k] for k in range(len(steps)) if acted[k]])
+        log_pterm.append([columns["log_pterm"][row][k] for k in range(len(steps)) if chose[k]])
     traj = Trajectories.from_records(records, pad_id, device=policy.device)
-    horizon = traj.horizon
-    traj.sampling_log_pf = log_pf[:, :horizon].float()
-    traj.sampling_log_pterm = log_pterm[:, : horizon + 1].float()
+    traj.sampling_log_pf = _pad_rows(log_pf, traj.horizon, policy.device)
+    traj.sampling_log_pterm = _pad_rows(log_pterm, traj.horizon + 1, policy.device)
     return traj
 
 
+def _pad_rows(rows: list[list[float]], width: int, device) -> Tensor:
+    out = torch.zeros((len(rows), width), dtype=torch.float32)
+    for b, row in enumerate(rows):
+        out[b, : len(row)] = torch.tensor(row, dtype=torch.float32)
+    return out.to(device)
+
+
 class _Decoder:
-    """The model's side of sampling: the prompts' prefill, then one cached forward per decoding step.
+    """The model's side of sampling: the prompts' prefill, then one cached forward of one token per row.
 
     It holds the KV cache (growing, or a preallocated ``StaticCache``), the attention mask over every
     column written so far and each row's next position. Each distinct prompt runs once and its keys
@@ -285,7 +307,7 @@ class _Decoder:
         self.policy, self.prompts, self.context, self.new_tokens = policy, prompts, context, new_tokens
         self.body = split_model(policy.model)[0]
         mask = prompts.attention_mask
-        self.mask = mask if context is None else context.mask(mask)  # [B, columns written]
+        self.mask = mask if context is None else context.mask(mask)  # [B, columns written] (static: [B, capacity])
         self.columns = self.mask.shape[1]
         self.next_position = self.mask.sum(dim=1)  # [B]
         self.cache = None
@@ -299,42 +321,42 @@ class _Decoder:
         out = self.body(input_ids=self.prompts.input_ids[first_rows], attention_mask=mask, position_ids=positions,
                         cache=cache, use_cache=True)
         if self.policy.static_cache:  # room for the prompts and a whole trajectory without tools
-            self.cache = _static_copy(self.policy.model, out.cache, self.columns, self.columns + self.new_tokens, row_slot)
-            self.mask = _pad_columns(self.mask, self.cache.get_max_length())
+            self.cache = self._static(out.cache, rows=row_slot)
         else:
             self.cache = out.cache
             self.cache.reorder_cache(row_slot)
         return out.last_hidden_state[row_slot, -1]  # left-padded prompts end in their last column
 
-    def step(self, chunk: Tensor, chunk_mask: Tensor) -> Tensor:
-        """Feed ``chunk`` [B, K] (real where ``chunk_mask``); returns each row's hidden state at its last real
-        column [B, H] (rows without one: any)."""
-        width = chunk.shape[1]
-        chunk_mask = chunk_mask.long()
-        positions = self.next_position[:, None] + chunk_mask.cumsum(dim=1) - 1  # [B, K]
-        self.next_position = self.next_position + chunk_mask.sum(dim=1)
+    def _static(self, cache, rows: Tensor | None = None) -> StaticCache:
+        """A static copy of ``cache`` with room for ``new_tokens`` more columns, in multiples of a bucket (so that
+        compiled steps see few shapes); the mask padded to it."""
+        bucket = STATIC_CACHE_BUCKET
+        capacity = -(-(self.columns + self.new_tokens) // bucket) * bucket
+        static = _static_copy(self.policy.model, cache, self.columns, capacity, rows)
+        self.mask = _pad_columns(self.mask[:, : self.columns], capacity)
+        return static
+
+    def step(self, tokens: Tensor, real: Tensor) -> Tensor:
+        """Feed one token per row ([B, 1], real where ``real`` [B, 1]); returns each row's hidden state [B, H]."""
+        real = real.long()
+        positions = self.next_position[:, None] + real - 1  # [B, 1]; a padding column repeats the last position
+        self.next_position = self.next_position + real[:, 0]
         if isinstance(self.cache, StaticCache):
-            if self.columns + width > self.cache.get_max_length():  # tool insertions outran the buffers
-                self.cache = _static_copy(self.policy.model, self.cache, self.columns,
-                                          self.columns + width + self.new_tokens)
-                self.mask = _pad_columns(self.mask[:, : self.columns], self.cache.get_max_length())
-            self.mask[:, self.columns : self.columns + width] = chunk_mask
+            if self.columns == self.cache.get_max_length():  # tool insertions used up the room
+                self.cache = self._static(self.cache)
+            self.mask[:, self.columns] = real[:, 0]
         else:
-            self.mask = torch.cat([self.mask, chunk_mask], dim=1)
-        self.columns += width
-        if width == 1 and self.policy.compiled_step is not None:
-            return self.policy.compiled_step(self.body, chunk, self.mask, positions.clamp(min=0), self.cache)
-        hidden = decode_step(self.body, chunk, self.mask, positions.clamp(min=0), self.cache, last=False)  # [B, K, H]
-        last = torch.where(chunk_mask.bool(), torch.arange(width, device=chunk.device), 0).amax(dim=1)  # [B]
-        return hidden[torch.arange(len(hidden), device=hidden.device), last]
+            self.mask = torch.cat([self.mask, real], dim=1)
+        self.columns += 1
+        step = self.policy.compiled_step or decode_step
+        return step(self.body, tokens, self.mask, positions.clamp(min=0), self.cache)
 
 
-def decode_step(body, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache, last: bool = True) -> Tensor:
-    """One cached forward of the decoder body: hidden states [B, K, H], or of the last column [B, H].
-    The function ``Policy(compile=True)`` compiles, for one-token steps over a static cache."""
-    hidden = body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
-                  use_cache=True).last_hidden_state
-    return hidden[:, -1] if last else hidden
+def decode_step(body, input_ids: Tensor, attention_mask: Tensor, position_ids: Tensor, cache) -> Tensor:
+    """One cached forward of one token per row through the decoder body: [B, 1] -> hidden states [B, H]. The
+    function ``Policy(compile=True)`` compiles (over a static cache)."""
+    return body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+                use_cache=True).last_hidden_state[:, -1]
 
 
 def _pad_columns(mask: Tensor, width: int) -> Tensor:
