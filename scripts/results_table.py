@@ -11,6 +11,8 @@ prints a Markdown table and, with --doc, replaces the lines between ``<!-- resul
     TASK:NAME     another of the task's tables (``--list`` shows them all, with what they read)
     bench FILE... ``gfnlm bench --output`` files, one row each
     bench:processes FILE...  ``gfnlm bench --processes N --output`` files: data-parallel scaling
+    bench:engine FILE...     ``gfnlm bench --reference_repeats 0 --output`` files: our step by precision and decoding
+    bench:peer FILE...       ``gfnlm bench --peer trl-grpo --output`` files: ours against TRL's GRPO step
     summary       the README's results table: each task's headline row, read from the generated tables
                   of docs/experiments/ (``summary --doc README.md --section summary``; no PATH)
 
@@ -23,8 +25,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from gfnlm.bench import engine_table, peer_table, scaling_table
 from gfnlm.bench import results_table as bench_table
-from gfnlm.bench import scaling_table
 from gfnlm.report import ResultsTable, replace_section, summary_table
 from gfnlm.tasks import TASKS, get_task
 
@@ -42,6 +44,8 @@ def task_table(name: str) -> ResultsTable:
 
 def list_tables() -> str:
     lines = ["bench: gfnlm bench --output files, one row each", "bench:processes: gfnlm bench --processes N files",
+             "bench:engine: gfnlm bench --reference_repeats 0 files: our step by precision and decoding",
+             "bench:peer: gfnlm bench --peer trl-grpo files: ours against TRL's GRPO step",
              "summary: the README's results table"]
     for task_name, task in TASKS.items():
         lines += [f"{task_name}{':' + k if k else ''}: {t.help}" for k, t in task.results_tables().items()]
@@ -67,6 +71,10 @@ def main() -> None:
         content = bench_table(args.paths)
     elif args.table == "bench:processes":
         content = scaling_table(args.paths)
+    elif args.table == "bench:engine":
+        content = engine_table(args.paths)
+    elif args.table == "bench:peer":
+        content = peer_table(args.paths)
     else:
         table = task_table(args.table)
         content = table.build(args.paths)

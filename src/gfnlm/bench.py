@@ -72,6 +72,10 @@ class BenchSettings:
         0, "Instead: the data-parallel throughput of N processes against 1, on the CPU, one thread each (real "
            "training steps through torchrun; samples/s of the whole job, median after the first step).")
     process_steps: int = setting(4, "Training steps of each run of the --processes comparison.")
+    peer: Literal["trl-grpo"] | None = setting(
+        None, "Instead: our GFlowNet step against another library's step on the same model, precision, LoRA rank, "
+              "queries x samples, generation length and task reward: trl-grpo (TRL's GRPOTrainer). Samples/s of "
+              "each, median over `repeats` steps after `warmup`, and their ratio (ours / peer).")
 
 
 @dataclass
@@ -313,6 +317,8 @@ def _pad_cat(tensors: list[torch.Tensor]) -> torch.Tensor:
 def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> dict:
     if settings.processes:
         return run_process_scaling(settings, echo)
+    if settings.peer:
+        return run_peer(settings, echo)
     from gfnlm.models import load_model_and_tokenizer
     from gfnlm.policy import Policy, resolve_device
     from gfnlm.tasks import get_task
@@ -349,7 +355,10 @@ def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> d
         echo(f"same trajectories, same loss: ours {fast:.6f}, reference {ref:.6f} (|diff| {abs(fast - ref):.2e})")
         results |= {"loss_ours": fast, "loss_reference": ref, "loss_abs_diff": abs(fast - ref)}
     timings: dict[str, Timing] = {}
-    traj = paths.sample()
+    peak = matmul_peak_gflops(device, policy.dtype)  # first: a compiled step's worker processes may linger after
+    first = time.perf_counter()
+    traj = paths.sample()  # the first call compiles the decoding step, where it is compiled
+    results["first_sampling_s"] = time.perf_counter() - first
     log_r = trainer.reward(traj)
     tokens = int(traj.attention_mask[:, traj.prompt_len :].sum())
     prefixes = int((traj.lengths + 1).sum())
@@ -357,7 +366,7 @@ def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> d
     results["mean_generated_tokens"] = tokens / len(traj)
 
     timings["sampling"] = time_it(paths.sample, s.warmup, s.repeats, device)
-    inside = model_forward_share(paths.sample, policy, device)
+    inside = None if policy.compile else model_forward_share(paths.sample, policy, device)
     timings["reward"] = time_it(lambda: trainer.reward(traj), s.warmup, s.repeats, device)
 
     def forward_backward() -> None:
@@ -371,26 +380,32 @@ def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> d
         paths.fast_step()
     counter.reset()
     timings["step"] = time_it(paths.fast_step, 0, s.repeats, device)
-    fast_flops = counter.flops(n_params) / s.repeats
+    counted_steps = s.repeats
+    if policy.compile:  # compiled decoding steps bypass the counter's hook: count one more step, run eagerly
+        compiled_step, policy.compiled_step = policy.compiled_step, None
+        counter.reset()
+        paths.fast_step()
+        counted_steps, policy.compiled_step = 1, compiled_step
+    fast_flops = counter.flops(n_params) / counted_steps
     memory = measure_peak(paths.fast_step, device)
     results["ours"] = {
         "sampling_tokens_per_s": tokens / timings["sampling"].median,
         "reward_prefixes_per_s": prefixes / timings["reward"].median,
         "peak_memory_mb": memory,
         "step_flop": fast_flops,
-        "sampling_outside_model_share": 1.0 - inside,
+        "sampling_outside_model_share": None if inside is None else 1.0 - inside,
         **{f"{k}_s": t.median for k, t in timings.items()},
     }
     echo(_table(timings, tokens, prefixes))
-    echo(f"sampling: {100 * (1 - inside):.0f}% of its time outside the decoder's forward passes")
+    if inside is not None:  # compiled steps run as one graph, past the hooks that time the decoder
+        echo(f"sampling: {100 * (1 - inside):.0f}% of its time outside the decoder's forward passes")
 
     dtype = policy.dtype
-    peak = matmul_peak_gflops(device, dtype)
     achieved = fast_flops / timings["step"].median / 1e9
     results["matmul_peak_gflops"] = peak
-    echo(f"work of our step ~ {fast_flops / 1e12:.2f} TFLOP ({counter.without_grad + counter.with_grad} tokens "
-         f"through the decoder over {s.repeats} steps); {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of the "
-         f"measured {dtype} matmul peak ({peak:.0f} GFLOP/s)")
+    echo(f"work of our step ~ {fast_flops / 1e12:.2f} TFLOP ({counter.total // counted_steps} tokens through the "
+         f"decoder); {achieved:.1f} GFLOP/s = {100 * achieved / peak:.0f}% of the measured {dtype} matmul peak "
+         f"({peak:.0f} GFLOP/s)")
     step_parts = ("sampling", "reward", "forward+loss+backward")
     parts = sum(timings[k].median for k in step_parts)
     echo("where our step's time goes: " + ", ".join(
@@ -468,6 +483,40 @@ def _device_name(device: torch.device) -> str:
     return f"CPU ({torch.get_num_threads()} threads)"
 
 
+def engine_table(files: list[Path]) -> str:
+    """One row per ``gfnlm bench --output`` file of our step alone, in the order given: its precision and decoding,
+    the step's time and its speed-up over our float32 eager step at the same point (queries x samples, T), its
+    parts' rates, the share of the matmul peak measured in the same run in that precision, and the share of
+    sampling spent outside the decoder. A file without a precision comes from before the Policy (float32, eager)."""
+    from gfnlm.report import markdown_table
+
+    header = ["our step", "queries x samples", "max T (mean)", "step (s)", "speed-up vs float32 eager",
+              "sampling tok/s", "reward prefixes/s", "forward+backward (s)", "share of matmul peak",
+              "sampling outside the decoder", "first sampling call (s)"]
+    results = [json.loads(Path(path).read_text()) for path in files]
+    point_of = lambda r: (r["settings"]["queries"], r["settings"]["samples"], r["settings"]["max_len"])  # noqa: E731
+    baseline = {point_of(r): r["ours"]["step_s"] for r in results if r.get("precision") == "no" and not r["compiled"]}
+    rows = []
+    for r in results:
+        st, ours = r["settings"], r["ours"]
+        point = f"{st['queries']} x {st['samples']}"
+        reference = baseline.get(point_of(r))
+        if "precision" in r:
+            weights = {"no": "float32", "bf16": "bfloat16", "fp16": "float16"}[r["precision"]]
+            path_name = f"{weights}, {'compiled' if r['compiled'] else 'eager'} decoding"
+        else:
+            path_name = "float32, before the Policy (previous release)"
+        share = ours["step_flop"] / ours["step_s"] / 1e9 / r["matmul_peak_gflops"]
+        outside = ours.get("sampling_outside_model_share")
+        rows.append([path_name, point, f"{st['max_len']} ({r['mean_actions']:.1f})", f"{ours['step_s']:.2f}",
+                     f"{reference / ours['step_s']:.2f}x" if reference else "-", f"{ours['sampling_tokens_per_s']:.0f}",
+                     f"{ours['reward_prefixes_per_s']:.0f}", f"{ours['forward+loss+backward_s']:.2f}",
+                     f"{100 * share:.0f}% of {r['matmul_peak_gflops']:.0f} GFLOP/s",
+                     f"{100 * outside:.0f}%" if outside is not None else "-",
+                     f"{r['first_sampling_s']:.1f}" if "first_sampling_s" in r else "-"])
+    return markdown_table(header, rows)
+
+
 def results_table(files: list[Path]) -> str:
     """One row per ``gfnlm bench --output`` file (device): our step, the reference step, speed-up and memory.
     A run of the sampler with the static KV cache says so after its device."""
@@ -489,6 +538,73 @@ def results_table(files: list[Path]) -> str:
                      f"{ref['peak_memory_mb']:.0f}" if ref else "-", f"{r['memory_ratio']:.2f}" if ref else "-",
                      f"{ours['sampling_tokens_per_s']:.0f}", f"{ours['reward_prefixes_per_s']:.0f}", f"{100 * share:.0f}%"])
     return markdown_table(header, rows)
+
+
+# ----------------------------------------------------------------------------- another library's step
+def run_peer(settings: BenchSettings, echo: Callable[[str], None] = print) -> dict:
+    """Samples/s of our GFlowNet step and of TRL's GRPO step (``gfnlm.baselines.grpo``) on the bench's task, each
+    on a fresh copy of the model with the same settings; ``ratio`` = ours / TRL's. Both steps sample, score the
+    reward and take one update; ours also scores every prefix's reward and stop probability (SubTB), TRL's
+    normalises each group's rewards (GRPO's advantages)."""
+    import tempfile
+
+    import trl
+
+    from gfnlm.baselines.grpo import GRPOBaseline
+    from gfnlm.models import load_model_and_tokenizer
+    from gfnlm.policy import resolve_device
+    from gfnlm.tasks import get_task
+
+    s = settings
+    device = resolve_device(s.device)
+    steps = s.warmup + s.repeats
+    config = TrainConfig(steps=steps, queries_per_step=s.queries, samples_per_query=s.samples, p_replay=0.0,
+                         p_tempered=0.0, lora_rank=s.lora_rank, lora_alpha=2 * s.lora_rank, device=str(device),
+                         progress=False, seed=s.seed, mixed_precision=s.mixed_precision, compile=s.compile,
+                         save_every=10**6)
+
+    def build(method: str, output_dir: Path):
+        model, tokenizer = load_model_and_tokenizer(s.model, device=device)
+        task_cls = get_task(s.task)
+        task = task_cls(task_cls.Options(max_len=s.max_len), tokenizer)
+        policy = task.policy(model, config)
+        if method == "grpo":
+            return GRPOBaseline(policy, task.reward(policy), task.train_queries(), config, output_dir)
+        return task.trainer(method, policy, config, None, output_dir)
+
+    results: dict = {"settings": asdict(s), "device": _device_name(device)}
+    with tempfile.TemporaryDirectory() as tmp:
+        for side, method in (("ours", "gfn"), ("peer", "grpo")):
+            trainer = build(method, Path(tmp) / side)
+            echo(f"{side}: {steps} steps of {method} ({trainer.policy.precision} weights), {s.queries} queries x "
+                 f"{s.samples} samples, at most {s.max_len} tokens ...")
+            rows = trainer.train()
+            times = [row["step_time_s"] for row in rows][s.warmup :]
+            step = statistics.median(times)
+            results[side] = {"samples_per_s": s.queries * s.samples / step, "step_s": step, "steps_timed": len(times)}
+    results["peer"]["trl_version"] = trl.__version__
+    results["ratio"] = results["ours"]["samples_per_s"] / results["peer"]["samples_per_s"]
+    echo(f"samples/s: ours {results['ours']['samples_per_s']:.2f}, TRL GRPO {results['peer']['samples_per_s']:.2f} "
+         f"(trl {trl.__version__}); ratio {results['ratio']:.2f}")
+    if s.output:
+        Path(s.output).parent.mkdir(parents=True, exist_ok=True)
+        Path(s.output).write_text(json.dumps(results, indent=1))
+    return results
+
+
+def peer_table(files: list[Path]) -> str:
+    """One row per ``gfnlm bench --peer trl-grpo --output`` file: both steps' samples/s and their ratio."""
+    from gfnlm.report import markdown_table
+
+    rows = []
+    for path in files:
+        r = json.loads(Path(path).read_text())
+        st = r["settings"]
+        rows.append([r["device"], f"{st['task']}, {st['queries']} x {st['samples']}, T <= {st['max_len']}",
+                     f"{r['ours']['samples_per_s']:.2f}", f"{r['peer']['samples_per_s']:.2f}",
+                     r["peer"]["trl_version"], f"{r['ratio']:.2f}"])
+    return markdown_table(["device", "task, queries x samples, length", "ours (GFlowNet) samples/s",
+                           "TRL GRPO samples/s", "trl", "ratio"], rows)
 
 
 # ----------------------------------------------------------------------------- data-parallel scaling
