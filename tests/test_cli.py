@@ -131,9 +131,9 @@ def test_prompting_is_a_method_of_eval_only(tmp_path, capsys):
     config = tmp_path / "c.yaml"
     config.write_text("method: prompting\ntask: subjectivity\n")
     assert main(["train", "--output-dir", str(tmp_path / "r"), "--config", str(config)]) == 2
-    assert "task 'subjectivity' has no method 'prompting'; methods: gfn, sft, ppo, em" in capsys.readouterr().err
+    assert "task 'subjectivity' has no method 'prompting'; methods: gfn, sft, ppo, grpo, em" in capsys.readouterr().err
     assert main(["eval", "--task", "random-number", "--method", "prompting"]) == 2  # no such baseline there
-    assert "task 'random-number' has no method 'prompting'; methods: gfn, sft, ppo" in capsys.readouterr().err
+    assert "task 'random-number' has no method 'prompting'; methods: gfn, sft, ppo, grpo" in capsys.readouterr().err
 
 
 def test_help_documents_every_setting(capsys):

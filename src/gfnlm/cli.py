@@ -76,6 +76,7 @@ def resolve_settings(args: argparse.Namespace, overrides: list[str], saved: dict
     apply_settings([train, options, ppo], task_cls.method_settings(method, settings) | settings)
     train.validate()
     ppo.validate()
+    options.validate()
     return RunSettings(model, task, method, train, options, ppo)
 
 

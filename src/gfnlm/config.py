@@ -103,6 +103,9 @@ class TrainConfig:
         "auto", "Run the sampler's one-token decoding steps through torch.compile (inductor on the CPU, CUDA graphs "
                 "on a GPU), over a static cache; one compilation per batch size and cache length. auto: on CUDA "
                 "only (on the CPU the compile time outweighed the saving over 200 steps, docs/benchmarks.md).")
+    report_to: Literal["none", "tensorboard", "wandb", "trackio", "mlflow"] = setting(
+        "none", "Also send the logged metrics (the rows of metrics.jsonl) to this tracker, through accelerate "
+                "(TensorBoard writes under the run directory; the others need their package and, for wandb, a login).")
     dist_timeout_s: float = setting(
         600.0, "With several processes: how long one waits for the others in a collective before it stops with an "
                "error (a crashed rank must not leave the rest waiting forever).")

@@ -18,6 +18,7 @@ import contextlib
 import math
 import os
 from datetime import timedelta
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -32,13 +33,13 @@ RANK_SEED_STRIDE = 1_000_003
 nearby seeds share a stream)."""
 
 
-def make_accelerator(config: TrainConfig, device: torch.device, precision: str):
+def make_accelerator(config: TrainConfig, device: torch.device, precision: str, project_dir: Path | None = None):
     """The run's ``Accelerator``: one process, or one of the processes ``accelerate launch`` started.
 
     Device placement stays ours (the policy's device); collectives time out after ``dist_timeout_s``, so
     that when a rank dies the others stop with an error instead of waiting forever. The policy stores its
     frozen weights in its precision itself; accelerate's mixed precision is used only for float16, whose
-    gradients need its loss scaler.
+    gradients need its loss scaler. ``report_to`` picks accelerate's tracker, writing under ``project_dir``.
     """
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
@@ -48,9 +49,10 @@ def make_accelerator(config: TrainConfig, device: torch.device, precision: str):
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:  # one process: each trainer's own settings (device, precision),
         AcceleratorState._reset_state(reset_partial_state=True)  # not those of an earlier trainer in this process
     timeout = InitProcessGroupKwargs(timeout=timedelta(seconds=config.dist_timeout_s))
+    tracker = None if config.report_to == "none" else config.report_to
     return Accelerator(cpu=device.type == "cpu", mixed_precision="fp16" if precision == "fp16" else "no",
-                       device_placement=False,
-                       kwargs_handlers=[timeout])
+                       device_placement=False, kwargs_handlers=[timeout], log_with=tracker,
+                       project_dir=str(project_dir) if project_dir is not None else None)
 
 
 class PolicyScorer(torch.nn.Module):

@@ -367,24 +367,81 @@ class TextReward:
         self.fn, self.tokenizer, self.log_space = fn, tokenizer, log_space
         self.skip_special_tokens = skip_special_tokens
 
-    def __call__(self, traj: Trajectories) -> Tensor:
-        prefixes = traj.generated_texts(self.tokenizer, upto_state=True, skip_special_tokens=self.skip_special_tokens)
-        texts = [t for row in prefixes for t in row]
-        queries = [q for q, row in zip(traj.queries, prefixes) for _ in row]
-        values = list(self.fn(texts, queries))
-        name = getattr(self.fn, "__name__", "reward function")
+    @property
+    def name(self) -> str:
+        return getattr(self.fn, "__name__", "reward function")
+
+    def values(self, texts: list[str], queries: list[Query], ids: list[list[int]]) -> list:
+        """The function's value of each text (with its query, and its token ids for rewards that want them)."""
+        return list(self.fn(texts, queries))
+
+    def log_rewards(self, texts: list[str], queries: list[Query], ids: list[list[int]]) -> list[float]:
+        """``values`` checked (one per text) and in log space."""
+        values, name = self.values(texts, queries, ids), self.name
         if len(values) != len(texts):
             raise RewardError(f"{name} returned {len(values)} rewards for {len(texts)} texts")
         if not self.log_space:
             if any(v <= 0 for v in values):
                 raise RewardError(f"{name} returned a non-positive reward; with log_space=False rewards must be > 0")
             values = [math.log(v) for v in values]
+        return [float(v) for v in values]
+
+    def __call__(self, traj: Trajectories) -> Tensor:
+        records = traj.records()
+        ids = [r.generated_ids[:end] for r in records for end in r.state_ends()]
+        queries = [r.query for r in records for _ in r.state_ends()]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=self.skip_special_tokens)
+        values = iter(self.log_rewards(texts, queries, ids))
         log_r = torch.zeros((len(traj), traj.horizon + 1), dtype=torch.float32)
-        it = iter(values)
-        for b, row in enumerate(prefixes):
-            for i in range(len(row)):
-                log_r[b, i] = float(next(it))
-        return check_log_rewards(log_r.to(traj.input_ids.device), traj, name)
+        for b, record in enumerate(records):
+            for i in range(record.length + 1):
+                log_r[b, i] = next(values)
+        return check_log_rewards(log_r.to(traj.input_ids.device), traj, self.name)
+
+    def terminal(self, traj: Trajectories) -> Tensor:
+        """log R of each whole text only: [B] (buffer seeding, GRPO), one call of the function on B texts."""
+        records = traj.records()
+        ids = [r.generated_ids for r in records]
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return torch.tensor(self.log_rewards(texts, [r.query for r in records], ids), device=traj.input_ids.device)
+
+
+class TRLReward(TextReward):
+    """A reward function written for TRL as a gfnlm reward (``from_trl``).
+
+    TRL calls ``fn(prompts, completions, completion_ids, **columns)`` and reads one float per completion,
+    None where the function does not apply. Here every prefix of every trajectory is a completion (the
+    losses need each prefix's reward): its text, its token ids, its query's prompt, and the query's
+    other dataset columns (``Query.meta``) as lists, as TRL passes a dataset's columns. The value is log R,
+    or R > 0 with ``log_space=False``; a None becomes ``missing`` (a log R), or an error without one.
+    """
+
+    def __init__(self, fn: Callable[..., Sequence[float | None]], tokenizer, log_space: bool = True,
+                 missing: float | None = None):
+        super().__init__(fn, tokenizer, log_space)
+        self.missing = missing
+
+    def values(self, texts: list[str], queries: list[Query], ids: list[list[int]]) -> list:
+        columns = {key: [q.meta.get(key) for q in queries] for key in (queries[0].meta if queries else {})}
+        try:
+            values = list(self.fn(prompts=[q.prompt for q in queries], completions=texts, completion_ids=ids, **columns))
+        except Exception as error:
+            raise RewardError(f"the reward function {self.name} raised {type(error).__name__}: {error}") from error
+        if None in values:
+            if self.missing is None:
+                text = texts[values.index(None)]
+                raise RewardError(f"{self.name} returned None for the completion {text!r}; give missing_log_reward "
+                                  "(a log R for the completions it does not score)")
+            fill = self.missing if self.log_space else math.exp(self.missing)  # missing is a log R
+            values = [fill if v is None else v for v in values]
+        return values
+
+
+def from_trl(fn: Callable[..., Sequence[float | None]], tokenizer, log_space: bool = True,
+             missing: float | None = None) -> TRLReward:
+    """A TRL reward function (``f(prompts, completions, **columns) -> list[float | None]``) as a gfnlm reward: its
+    value is log R (or R with ``log_space=False``), None becomes ``missing`` (``TRLReward``)."""
+    return TRLReward(fn, tokenizer, log_space, missing)
 
 
 class SumReward:

@@ -20,6 +20,7 @@ scheduler, buffer, log Z and all random-number-generator states.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -37,7 +38,7 @@ from torch import Tensor
 from tqdm.auto import tqdm
 
 from gfnlm.buffer import ReplayBuffer
-from gfnlm.config import TrainConfig
+from gfnlm.config import ConfigError, TrainConfig
 from gfnlm.distributed import RANK_SEED_STRIDE, PolicyScorer, Ranks, make_accelerator, reduce_metrics
 from gfnlm.losses import detailed_balance_loss, modified_subtb_loss, trajectory_balance_loss
 from gfnlm.modes import adapter_disabled, eval_mode
@@ -119,12 +120,14 @@ class Trainer:
         self.config.validate()
         self.policy = policy
         self.pad_id = require_pad_token(policy.tokenizer)
-        self.accelerator = make_accelerator(self.config, policy.device, policy.precision)
+        self.output_dir = Path(output_dir) if output_dir is not None else None
+        if self.config.report_to != "none" and self.output_dir is None:
+            raise ConfigError(f"report_to {self.config.report_to} needs an output directory for the run")
+        self.accelerator = make_accelerator(self.config, policy.device, policy.precision, self.output_dir)
         self.ranks = Ranks(self.accelerator)
         self.device = policy.device
         if self.ranks.world > 1 and self.device != self.accelerator.device and self.device.type != "cpu":
             raise ValueError(f"this process's policy is on {self.device}, but accelerate gave it {self.accelerator.device}")
-        self.output_dir = Path(output_dir) if output_dir is not None else None
         torch.manual_seed(self.config.seed)  # LoRA and head initialisation: the same on every rank
         policy.add_adapter(self.config)
         if self.ranks.world > 1:  # then each rank its own dropout masks
@@ -272,7 +275,10 @@ class Trainer:
                     "that run, or choose another output directory"
                 )
             if writes:
-                self._truncate_metrics()
+                truncate_logged_metrics(self.output_dir, self.step)
+        tracking = writes and c.report_to != "none"
+        if tracking:
+            self.accelerator.init_trackers("gfnlm", config=scalars(dataclasses.asdict(c)))
         bar = tqdm(total=c.steps, initial=self.step, desc=self.name, disable=not (c.progress and self.ranks.writes),
                    dynamic_ncols=True)
         deadline = time.perf_counter() + 60 * c.time_limit_minutes if c.time_limit_minutes > 0 else math.inf
@@ -291,6 +297,8 @@ class Trainer:
                     if writes and (self.step % c.log_every == 0 or self.step == c.steps):
                         with open(self.output_dir / METRICS_FILE, "a") as f:
                             f.write(json.dumps(metrics) + "\n")
+                        if tracking:
+                            self.accelerator.log(scalars(metrics), step=self.step)
                     if self.nan_streak == 0 and (self.step % c.save_every == 0 or self.step == c.steps):
                         self.save_checkpoint()
                 if self.nan_streak >= c.max_nan_steps:
@@ -298,6 +306,8 @@ class Trainer:
                     raise TrainingDiverged(f"{self.nan_streak} non-finite losses in a row at step {self.step}{where}")
         finally:
             bar.close()
+            if tracking:
+                self.accelerator.end_training()
         return history
 
     def sample(self, queries: Sequence[Query], temperature: float | Sequence[float] = 1.0) -> Trajectories:
@@ -384,12 +394,17 @@ class Trainer:
         logger.info("resumed from %s (step %d)", path, self.step)
         return True
 
-    def _truncate_metrics(self) -> None:
-        """Drop metrics logged after the step we (re)start from, so a resumed log has no duplicates."""
-        if not (self.output_dir / METRICS_FILE).exists():
-            return
-        kept = [row for row in read_logged_metrics(self.output_dir) if row["step"] <= self.step]
-        (self.output_dir / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in kept))
+def scalars(values: dict) -> dict:
+    """The numbers (and flags, as 0 / 1) of a metrics row or a config, what trackers accept."""
+    return {k: int(v) if isinstance(v, bool) else v for k, v in values.items() if isinstance(v, (int, float, str))}
+
+
+def truncate_logged_metrics(output_dir: Path, step: int) -> None:
+    """Drop the metrics a run logged after ``step``, where it (re)starts, so that a resumed log has no duplicates."""
+    if not (output_dir / METRICS_FILE).exists():
+        return
+    kept = [row for row in read_logged_metrics(output_dir) if row["step"] <= step]
+    (output_dir / METRICS_FILE).write_text("".join(json.dumps(row) + "\n" for row in kept))
 
 
 def read_logged_metrics(output_dir: Path) -> list[dict]:

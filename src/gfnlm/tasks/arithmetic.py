@@ -174,6 +174,7 @@ class ArithmeticTask(Task):
     Options = ArithmeticOptions
     options: ArithmeticOptions
     summary_keys = ("accuracy", "n_questions", "unparsable_answers")
+    train_methods = ("gfn", "sft", "ppo")  # no grpo: TRL cannot insert the calculator's tokens mid-generation
     eval_methods = ("prompting",)
     DataOptions = ArithmeticDataOptions
     headline = Headline(

@@ -33,6 +33,10 @@ if TYPE_CHECKING:
 class TaskOptions:
     """Options shared by every task (subclasses add their own)."""
 
+    def validate(self) -> None:
+        """Raise ``ValueError`` for options that cannot work; called before the model loads, so a typo
+        costs no model load. Subclasses check what they can without a tokenizer."""
+
 
 def likelihood_weight_setting(why: str) -> float:
     """The option v of a posterior reward R = p(Z | X) p(Y | X Z)^v (``LMSuffixReward``), for tasks that expose it."""
@@ -45,7 +49,7 @@ class Task(ABC):
     Options: ClassVar[type[TaskOptions]] = TaskOptions
     summary_keys: ClassVar[tuple[str, ...]] = ()
     """Metrics of ``evaluate`` shown in the command line's tables."""
-    train_methods: ClassVar[tuple[str, ...]] = ("gfn", "sft", "ppo")
+    train_methods: ClassVar[tuple[str, ...]] = ("gfn", "sft", "ppo", "grpo")
     """Methods ``gfnlm train`` accepts; ``trainer`` builds each (a task adds its own by overriding it)."""
     eval_methods: ClassVar[tuple[str, ...]] = ()
     """Methods ``gfnlm eval`` accepts beyond the trained ones: baselines that evaluate the base model
@@ -106,7 +110,8 @@ class Task(ABC):
         return Policy.from_config(model, self.tokenizer, self.action_space(), config, self.tool())
 
     def trainer(self, method: str, policy: Policy, config: TrainConfig, ppo: PPOConfig, output_dir: Path | None) -> Trainer:
-        """The trainer of ``method`` on this task's ``policy``: GFlowNet fine-tuning (its buffer seeded), SFT or PPO.
+        """The trainer of ``method`` on this task's ``policy``: GFlowNet fine-tuning (its buffer seeded), SFT, PPO or
+        GRPO (TRL's trainer, ``gfnlm.baselines.grpo``).
 
         A task with a method of its own (EM's M-step, a reward model to fine-tune) overrides this
         for that method and calls ``super().trainer`` for the rest.
@@ -127,6 +132,10 @@ class Task(ABC):
             return PPOTrainer(policy, self.reward(policy), queries, config, ppo, output_dir)
         if method == "sft":
             return SFTTrainer(policy, self.sft_examples, config, output_dir)
+        if method == "grpo":
+            from gfnlm.baselines.grpo import GRPOBaseline
+
+            return GRPOBaseline(policy, self.reward(policy), queries, config, output_dir)
         raise ValueError(f"task {self.name!r} cannot train with method {method!r}; methods: {', '.join(self.train_methods)}")
 
     # ----------------------------------------------------------------- evaluation and reports

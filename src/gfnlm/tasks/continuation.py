@@ -95,7 +95,7 @@ class ContinuationTask(Task):
     Options = ContinuationOptions
     options: ContinuationOptions
     summary_keys = ("max_log_likelihood", "diversity", "mean_log_likelihood", "mean_length", "n_prompts")
-    train_methods = ("gfn",)
+    train_methods = ("gfn", "grpo")
     eval_methods = tuple(rule for rule in RULES if rule != "policy")
 
     def __init__(self, options: ContinuationOptions, tokenizer):

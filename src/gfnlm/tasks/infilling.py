@@ -185,7 +185,7 @@ class InfillingTask(Task):
     Options = InfillingOptions
     options: InfillingOptions
     summary_keys = ("bertscore", "bleu4", "gleu4", "log_p_ending", "n_stories")
-    train_methods = ("gfn", "sft", "story-lm")
+    train_methods = ("gfn", "sft", "grpo", "story-lm")
     eval_methods = ("prompting", "left-to-right")
     def __init__(self, options: InfillingOptions, tokenizer):
         super().__init__(options, tokenizer)

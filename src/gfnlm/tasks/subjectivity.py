@@ -164,7 +164,7 @@ class SubjectivityTask(Task):
     Options = SubjectivityOptions
     options: SubjectivityOptions
     summary_keys = ("accuracy", "n_reviews", "eval_samples")
-    train_methods = ("gfn", "sft", "ppo", "em")
+    train_methods = ("gfn", "sft", "ppo", "grpo", "em")
     eval_methods = ("prompting",)
 
     headline = Headline(
