@@ -7,7 +7,7 @@ import torch
 from conftest import make_char_tokenizer, make_policy, make_tiny_lm, needs_native_bf16
 
 from gfnlm import __all__ as public_names
-from gfnlm.scoring import terminal_log_prob
+from gfnlm.scoring import PolicyHead, output_logits, terminal_log_prob
 from gfnlm.tools import CalculatorTool
 from gfnlm.trajectories import ActionSpace, Query
 
@@ -32,7 +32,7 @@ def test_every_public_name_imports_from_the_package_and_the_command_line_stays_l
 def test_bf16_and_float32_policies_give_close_log_probs_on_the_same_trajectories(tokenizer):
     space = ActionSpace(stop_token_ids=(2,), max_len=6, min_len=1, allowed_token_ids=tuple(range(3, 14)))
     exact, fast = (make_policy(make_tiny_lm(seed=7), tokenizer, space, precision=p) for p in ("no", "bf16"))
-    assert next(fast.model.parameters()).dtype == torch.bfloat16
+    assert fast.model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
     traj = exact.sample([Query("12"), Query("3+4"), Query("5")] * 4, 1.0, torch.Generator().manual_seed(0))
     with torch.no_grad():
         (pf32, pt32), (pf16, pt16) = exact.score(traj), fast.score(traj)
@@ -42,6 +42,29 @@ def test_bf16_and_float32_policies_give_close_log_probs_on_the_same_trajectories
     assert 0 < diff.max() < BF16_TOKEN_TOLERANCE  # bf16 does change the numbers, by little
     whole = (terminal_log_prob(pf16, pt16, traj.lengths) - terminal_log_prob(pf32, pt32, traj.lengths)).abs()
     assert whole.max() < BF16_TOKEN_TOLERANCE * (traj.horizon + 1)
+
+
+@needs_native_bf16
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_head_of_a_bf16_policy_computes_float32_logits_off_the_bf16_grid(tokenizer, tied):
+    """A bf16 head would round every logit to 8 significant bits (0.125 apart between 16 and 32): the policy's
+    log-probs could only move in such steps. Its head stays float32, tied input embeddings with it."""
+    model = make_tiny_lm(seed=3)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight
+    space = ActionSpace(stop_token_ids=(2,), max_len=4, min_len=1)
+    policy = make_policy(model, tokenizer, space, precision="bf16")
+    head = policy.model.get_output_embeddings()
+    assert head.weight.dtype == torch.float32 and policy.model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    hidden = torch.randn(5, model.config.hidden_size).bfloat16() * 8
+    logits = output_logits(policy.model, hidden)
+    assert torch.equal(logits, torch.nn.functional.linear(hidden.float(), head.weight))
+    assert (logits.bfloat16().float() != logits).any()
+    restricted = ActionSpace(stop_token_ids=(2,), max_len=4, min_len=1, allowed_token_ids=(3, 4, 5))
+    layout = restricted.layout(policy.model.config.vocab_size, "cpu")
+    assert torch.allclose(PolicyHead(policy.model, layout)(hidden), layout.select(logits), atol=1e-5, rtol=0)
+    traj = policy.sample([Query("12")] * 3, 1.0, torch.Generator().manual_seed(0))  # the decoder runs in bf16
+    assert torch.isfinite(policy.score(traj)[0]).all()
 
 
 def _arithmetic_setup():

@@ -33,19 +33,20 @@ class SharedContext:
         self.text, self.ids = text, list(ids)
         self.model, self.config = model, model.config
         self._layers: list[tuple[Tensor, Tensor]] = []
-        self._computed_for: tuple[torch.device, torch.dtype] | None = None
+        self._computed_for: tuple[torch.device, tuple[str, ...]] | None = None
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def _keys_and_values(self) -> list[tuple[Tensor, Tensor]]:
         weight = self.model.get_input_embeddings().weight
-        if self._computed_for != (weight.device, weight.dtype):
+        dtypes = tuple(sorted({str(p.dtype) for p in self.model.parameters()}))  # a precision change recomputes
+        if self._computed_for != (weight.device, dtypes):
             with torch.no_grad(), adapter_disabled(self.model), eval_mode(self.model):
                 out = self.model(input_ids=torch.tensor([self.ids], device=weight.device), use_cache=True,
                                  logits_to_keep=1)
             self._layers = [(layer.keys, layer.values) for layer in out.cache.layers]
-            self._computed_for = (weight.device, weight.dtype)
+            self._computed_for = (weight.device, dtypes)
         return self._layers
 
     def cache(self, batch: int, device: torch.device) -> DynamicCache:

@@ -112,14 +112,22 @@ def is_adapter_weight(name: str) -> bool:
 
 
 def store_weights(model, dtype: torch.dtype) -> None:
-    """Store the model's parameters in ``dtype``, its adapter weights in float32, in place.
+    """Store the model's parameters in ``dtype``, in place, except its adapter weights and its output head
+    (and so a tied input embedding), which stay float32.
 
-    Only parameters: buffers keep their dtype (rotary inverse frequencies rounded to bfloat16 would
-    shift every position's phase). Tied weights are one parameter, cast once."""
+    The head stays float32 because a bfloat16 product rounds every logit to 8 significant bits: 0.125 apart
+    for logits of 16 to 32, so the policy's log-probs could only move in steps of that size and a trained
+    distribution could match its target no closer (the demo's exact KL stopped at 0.0016, above 1e-3). The
+    head runs on bfloat16 hidden states cast up (``_head_in_float32``). Only parameters: buffers keep their
+    dtype (rotary inverse frequencies rounded to bfloat16 would shift every position's phase). Tied weights
+    are one parameter, cast once."""
+    head = model.get_output_embeddings()
+    float32_ids = {id(p) for p in head.parameters()} if head is not None else set()
     for name, param in model.named_parameters():
-        wanted = torch.float32 if is_adapter_weight(name) else dtype
+        wanted = torch.float32 if is_adapter_weight(name) or id(param) in float32_ids else dtype
         if param.is_floating_point() and param.dtype != wanted:
             param.data = param.data.to(wanted)
+    _head_in_float32(model, dtype)
 
 
 class Policy:
@@ -143,7 +151,6 @@ class Policy:
         self.tokenizer, self.space, self.tool = tokenizer, space, tool
         self.model = model.to(self.device)
         store_weights(self.model, self.dtype)
-        _contiguous_head_input(self.model)
         if self.device.type == "cpu" and self.precision == "bf16":
             use_grouped_attention(self.model)  # torch's fused CPU attention is slow in bf16 for short queries
         self.compile = resolve_compile(compile, self.device)
@@ -223,18 +230,24 @@ class Policy:
         return score_policy(self.model, traj, self.space)
 
 
-def _contiguous_head_input(model) -> None:
-    """Make the output head's input contiguous before it runs (once per model).
+def _head_in_float32(model, dtype: torch.dtype) -> None:
+    """Hooks that run the float32 output head on the decoder's hidden states, and hand the decoder its input
+    embeddings in ``dtype`` (a head tied to them keeps them float32 too); installed once per model, the dtype
+    updated on later calls.
 
-    transformers computes the logits of the last positions only (``logits_to_keep``) on a slice of the
-    hidden states. For a 3-D input that is not contiguous, torch's linear falls back to a batched matmul
-    over a copy of the head's weights per row: [32, 576, 49152] for SmolLM2 at batch 32, 1.6 s in
-    bfloat16 on this project's CPU instead of 9 ms (0.17 s instead of 0.02 s in float32)."""
-    head = model.get_output_embeddings()
-    if head is None or getattr(head, "_gfnlm_contiguous_input", False):
+    The head's input is also made contiguous: transformers computes the logits of the last positions only
+    (``logits_to_keep``) on a slice of the hidden states, and for a 3-D input that is not contiguous torch's
+    linear falls back to a batched matmul over a copy of the head's weights per row ([32, 576, 49152] for
+    SmolLM2 at batch 32: 1.6 s in bfloat16 on this project's CPU instead of 9 ms)."""
+    head, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is None:
         return
-    head.register_forward_pre_hook(lambda module, args: (args[0].contiguous(), *args[1:]))
-    head._gfnlm_contiguous_input = True
+    embedding._gfnlm_dtype = dtype
+    if getattr(head, "_gfnlm_float32", False):
+        return
+    head.register_forward_pre_hook(lambda module, args: (args[0].to(module.weight.dtype).contiguous(), *args[1:]))
+    embedding.register_forward_hook(lambda module, args, out: out.to(module._gfnlm_dtype))
+    head._gfnlm_float32 = True
 
 
 def _compiled_decode_step(device: torch.device):

@@ -26,7 +26,7 @@ from torch import Tensor
 
 from gfnlm.losses import state_mask
 from gfnlm.modes import adapter_disabled, eval_mode
-from gfnlm.scoring import head_log_probs, shared_prompt_hidden, split_model
+from gfnlm.scoring import compute_dtype, head_log_probs, shared_prompt_hidden, split_model
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
 if TYPE_CHECKING:
@@ -152,7 +152,7 @@ def lm_prefix_log_likelihoods(
     """
     batch, width = traj.input_ids.shape
     start = traj.prompt_len - 1  # first column whose logits are needed
-    dtype = next(model.parameters()).dtype
+    dtype = compute_dtype(model)
     if suffix_ids is not None:
         if len(suffix_ids) != batch or any(len(s) == 0 for s in suffix_ids):
             raise RewardError("suffix rewards need one non-empty suffix Y per trajectory")

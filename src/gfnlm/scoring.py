@@ -32,8 +32,15 @@ def split_model(model) -> tuple[torch.nn.Module, torch.nn.Module, float | None]:
     return base.get_decoder(), base.get_output_embeddings(), cap
 
 
+def compute_dtype(model) -> torch.dtype:
+    """The dtype the decoder computes in: what its input embeddings hand it (a float32 head tied to them keeps
+    their weights float32, ``gfnlm.policy.store_weights``)."""
+    embedding = model.get_input_embeddings()
+    return getattr(embedding, "_gfnlm_dtype", embedding.weight.dtype)
+
+
 def output_logits(model, hidden: Tensor) -> Tensor:
-    """The output head (with its logit soft cap, if any) in float32. [..., H] -> [..., V]."""
+    """The output head (with its logit soft cap, if any) in float32 (``gfnlm.policy.store_weights``). [..., H] -> [..., V]."""
     _, head, cap = split_model(model)
     logits = head(hidden).float()
     return cap * torch.tanh(logits / cap) if cap else logits
@@ -128,7 +135,7 @@ class PolicyHead:
     def __call__(self, hidden: Tensor) -> Tensor:
         if self.rows is None:
             return self.layout.select(output_logits(self.model, hidden))
-        logits = torch.nn.functional.linear(hidden, *self.rows).float()
+        logits = torch.nn.functional.linear(hidden.to(self.rows[0].dtype), *self.rows)
         return self.cap * torch.tanh(logits / self.cap) if self.cap else logits
 
 
