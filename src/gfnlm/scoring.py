@@ -54,7 +54,10 @@ def head_log_probs(model, hidden: Tensor, token_ids: Tensor, keep: Tensor | None
     the log-normaliser of each position are kept, so the full [N, V] logits (V ~ 50k) never exist
     at once. With ``keep`` (bool, [...]) only those positions are scored and the rest are 0, so
     no head runs on padding or on states a trajectory never reached.
-    Meant for no-grad scoring (rewards); it is exact, not an approximation.
+    Meant for no-grad scoring (rewards); it is exact, not an approximation. The head runs in the decoder's
+    dtype (bf16 weights: a bf16 copy of the float32 head, made once per call): an LM reward's log R is only as
+    exact as its bf16 decoder makes it (docs/design.md, "Precision"), and the float32 head cost the
+    arithmetic reward a third of its time. The policy's own head stays float32 (``PolicyHead``).
     """
     if keep is not None:
         out = hidden.new_zeros(token_ids.shape, dtype=torch.float32)
@@ -62,9 +65,18 @@ def head_log_probs(model, hidden: Tensor, token_ids: Tensor, keep: Tensor | None
         return out
     flat_hidden = hidden.reshape(-1, hidden.shape[-1])  # [N, H]
     flat_ids = token_ids.reshape(flat_hidden.shape[0], -1)  # [N, K]
+    _, head, cap = split_model(model)
+    if type(head) is torch.nn.Linear:
+        weights = (head.weight.to(hidden.dtype), None if head.bias is None else head.bias.to(hidden.dtype))
+
+        def logits_of(rows: Tensor) -> Tensor:
+            logits = torch.nn.functional.linear(rows, *weights).float()
+            return cap * torch.tanh(logits / cap) if cap else logits
+    else:
+        logits_of = lambda rows: output_logits(model, rows)  # noqa: E731 (a wrapped head: as the model runs it)
     out = []
     for start in range(0, flat_hidden.shape[0], rows_per_chunk):
-        logits = output_logits(model, flat_hidden[start : start + rows_per_chunk])  # [n, V]
+        logits = logits_of(flat_hidden[start : start + rows_per_chunk])  # [n, V]
         chosen = logits.gather(1, flat_ids[start : start + rows_per_chunk])
         out.append(chosen - logits.logsumexp(dim=1, keepdim=True))
     return torch.cat(out).reshape(token_ids.shape)

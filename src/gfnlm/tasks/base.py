@@ -31,11 +31,20 @@ if TYPE_CHECKING:
 
 @dataclass
 class TaskOptions:
-    """Options shared by every task (subclasses add their own)."""
+    """Options every task has (a task redeclares them with its own defaults and adds its own)."""
+
+    max_len: int = setting(20, "Most actions (tokens) a trajectory writes; the stop is forced after them.")
+    min_len: int = setting(0, "Fewest actions before the policy may stop.")
+    eval_samples: int = setting(8, "Samples drawn per query in evaluation.")
 
     def validate(self) -> None:
         """Raise ``ValueError`` for options that cannot work; called before the model loads, so a typo
-        costs no model load. Subclasses check what they can without a tokenizer."""
+        costs no model load. A task that adds checks (without a tokenizer) calls this one first."""
+        if not 0 <= self.min_len <= self.max_len or self.max_len < 1:
+            raise ValueError(f"need 0 <= min_len <= max_len and max_len >= 1, got min_len {self.min_len}, "
+                             f"max_len {self.max_len}")
+        if self.eval_samples < 1:
+            raise ValueError(f"eval_samples must be at least 1, got {self.eval_samples}")
 
 
 def likelihood_weight_setting(why: str) -> float:
@@ -146,7 +155,7 @@ class Task(ABC):
     def eval_label(self, method: str, adapter: str | None) -> str:
         """How ``gfnlm eval`` names the evaluated model in tables and figures."""
         if method == "prompting":
-            return f"{getattr(self.options, 'shots', 0)}-shot prompting"
+            return f"{getattr(self.options, 'shots', 0)}-shot prompting"  # tasks with k-shot prompts declare shots
         return method if adapter or method in self.eval_methods else "base"
 
     @classmethod

@@ -51,10 +51,11 @@ class PromptsOptions(TaskOptions):
 
     def validate(self) -> None:
         """The data and the reward function load, and the function scores the first prompt."""
+        super().validate()
         if self.data is None or self.reward is None:
             raise ValueError("--task prompts needs --data FILE_OR_DATASET and --reward module:function")
-        if not 0 <= self.min_len <= self.max_len or self.eval_samples < 2:
-            raise ValueError("need 0 <= min_len <= max_len and eval_samples >= 2 (the diversity compares samples)")
+        if self.eval_samples < 2:
+            raise ValueError("eval_samples must be at least 2 (the diversity compares samples)")
         check_reward(load_reward_function(self.reward), self.reward, load_prompts(self.data, self.split)[0])
 
 

@@ -54,6 +54,7 @@ class RandomNumberOptions(TaskOptions):
         "that a higher floor gives them most of the target's mass."
     )
     max_len: int = setting(4, "Most tokens the policy may write before the stop is forced.")
+    min_len: int = setting(1, "Fewest tokens before the stop: at least 1, the empty text is never an integer.")
     eval_samples: int = setting(10000, "Samples drawn for the histogram and the sampled valid fraction.")
     eval_batch_size: int = setting(500, "Samples drawn per batch in evaluation.")
 
@@ -77,6 +78,8 @@ class RandomNumberTask(Task):
             raise ValueError(f"high ({o.high}) must be at least low ({o.low})")
         if o.low < 0:
             raise ValueError("the random-number task covers non-negative integers only")
+        if o.min_len < 1:
+            raise ValueError("min_len must be at least 1: the empty text is never an integer")
         self.integers = list(range(o.low, o.high + 1))
         self.target_probs = target_distribution(o)
         self.log_target = {
@@ -94,8 +97,7 @@ class RandomNumberTask(Task):
         return stop_token_ids(self.tokenizer)
 
     def action_space(self) -> ActionSpace:
-        """No stop before the first token: the empty text is never an integer."""
-        return ActionSpace(stop_token_ids=self.stop_token_ids(), max_len=self.options.max_len, min_len=1)
+        return ActionSpace(stop_token_ids=self.stop_token_ids(), max_len=self.options.max_len, min_len=self.options.min_len)
 
     def parse(self, text: str) -> int | None:
         """The integer a generated text spells, or None if it is not exactly a valid integer."""
