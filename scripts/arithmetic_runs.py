@@ -33,7 +33,8 @@ from gfnlm.cli import RunSettings, write_json
 from gfnlm.config import ConfigError, TrainConfig, apply_settings, parse_key_values
 from gfnlm.models import DEFAULT_MODEL, load_adapter, load_model_and_tokenizer
 from gfnlm.tasks.arithmetic import ZERO_SHOT_CUE, ArithmeticOptions, ArithmeticTask, generate_problems, load_problems
-from gfnlm.trainer import logged_training_minutes, read_logged_metrics, resolve_device
+from gfnlm.policy import resolve_device
+from gfnlm.runlog import logged_training_minutes, read_logged_metrics
 
 OPERANDS = (3, 4, 5)
 COMMON = {"lora_rank": 16, "lora_alpha": 32, "save_every": 25, "progress": False, "steps": 2000}

@@ -24,8 +24,8 @@ from conftest import make_char_tokenizer, make_tiny_lm  # noqa: E402
 
 from gfnlm.config import TrainConfig  # noqa: E402
 from gfnlm.policy import Policy  # noqa: E402
-from gfnlm.rewards import TextReward, compute_log_rewards  # noqa: E402
-from gfnlm.trainer import GFlowNetTrainer, MicroBatch  # noqa: E402
+from gfnlm.rewards import TextReward  # noqa: E402
+from gfnlm.gflownet import GFlowNetTrainer  # noqa: E402
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories  # noqa: E402
 
 QUERIES = [Query("1"), Query("2 "), Query("3-"), Query("4+4")]
@@ -46,13 +46,13 @@ def make_trainer(output_dir=None, **settings) -> GFlowNetTrainer:
     return GFlowNetTrainer(policy, TextReward(reward_fn, tokenizer), QUERIES, config, output_dir=output_dir)
 
 
-def fixed_batch(trainer: GFlowNetTrainer, rank: int) -> MicroBatch:
+def fixed_trajectories(trainer: GFlowNetTrainer, rank: int) -> tuple[Trajectories, torch.Tensor]:
     """Rank ``rank``'s micro-batch: fixed trajectories (queries 0-1 on rank 0, 1-3 on rank 1), ragged lengths."""
     prompts = trainer.policy.tokenizer([q.prompt for q in QUERIES])["input_ids"]
     rows = [(0, [5, 7]), (1, [9, 9, 4]), (0, [7])] if rank == 0 else [(1, [7, 7, 7, 7]), (3, [4]), (2, [8, 3])]
     records = [TrajectoryRecord(QUERIES[q], prompts[q], z, [True] * len(z)) for q, z in rows]
     traj = Trajectories.from_records(records, trainer.pad_id, trainer.device)
-    return MicroBatch(traj, compute_log_rewards(trainer.reward, traj), torch.ones(len(records), dtype=torch.bool))
+    return traj, torch.ones(len(records), dtype=torch.bool)
 
 
 def trained_state(trainer: GFlowNetTrainer) -> dict:
@@ -65,7 +65,7 @@ def main() -> None:
     if mode == "step":
         trainer = make_trainer()
         rank = trainer.ranks.rank
-        trainer.draw_micro_batch = lambda: fixed_batch(trainer, rank)
+        trainer.draw_trajectories = lambda: fixed_trajectories(trainer, rank)
         trainer.train()
         torch.save(trained_state(trainer), out / f"rank{rank}.pt")
     elif mode == "train":

@@ -14,7 +14,7 @@ from gfnlm.bench import BenchSettings, PeakMemory, StepPaths, cpu_memory_mb, op_
 from gfnlm.config import TrainConfig
 from gfnlm.rewards import TextReward
 from gfnlm.tasks.arithmetic import ArithmeticOptions, ArithmeticTask, generate_problems
-from gfnlm.trainer import GFlowNetTrainer
+from gfnlm.gflownet import GFlowNetTrainer
 
 CHARS = string.ascii_letters + string.digits + " +-=,.?:"
 

@@ -18,7 +18,7 @@ import torch
 from gfnlm.config import ConfigError, TrainConfig, apply_settings
 from gfnlm.distributed import make_accelerator
 from gfnlm.policy import cpu_supports_bf16, resolve_precision
-from gfnlm.trainer import TIMING_KEYS, read_logged_metrics
+from gfnlm.runlog import TIMING_KEYS, read_logged_metrics
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
 spec = importlib.util.spec_from_file_location("distributed_worker", WORKER)
@@ -43,8 +43,8 @@ def test_two_processes_take_the_step_of_one_that_accumulates_both_micro_batches(
     assert done.returncode == 0, done.stderr[-3000:]
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     reference = worker.make_trainer(grad_accum=2)
-    batches = iter([worker.fixed_batch(reference, 0), worker.fixed_batch(reference, 1)])
-    reference.draw_micro_batch = lambda: next(batches)
+    batches = iter([worker.fixed_trajectories(reference, 0), worker.fixed_trajectories(reference, 1)])
+    reference.draw_trajectories = lambda: next(batches)
     before = worker.trained_state(reference)
     reference.train()
     expected = worker.trained_state(reference)

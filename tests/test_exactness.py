@@ -13,7 +13,7 @@ from conftest import needs_cuda, make_tiny_lm
 from gfnlm.config import TrainConfig
 from gfnlm.policy import Policy, native_bf16
 from gfnlm.scoring import score_policy, terminal_log_prob
-from gfnlm.trainer import GFlowNetTrainer
+from gfnlm.gflownet import GFlowNetTrainer
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
 STOP, ALLOWED, MAX_LEN = 2, (3, 4, 5), 3

@@ -7,7 +7,7 @@ import pytest
 from gfnlm.config import TrainConfig
 from gfnlm.models import load_model_and_tokenizer
 from gfnlm.tasks.random_number import RandomNumberOptions, RandomNumberTask
-from gfnlm.trainer import GFlowNetTrainer
+from gfnlm.gflownet import GFlowNetTrainer
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,9 @@ from gfnlm.modes import eval_mode
 from gfnlm.policy import Policy
 from gfnlm.rewards import RewardError
 from gfnlm.scoring import score_policy, terminal_log_prob
-from gfnlm.trainer import TIMING_KEYS, GFlowNetTrainer, TrainingDiverged, logged_training_minutes, read_logged_metrics
+from gfnlm.gflownet import GFlowNetTrainer
+from gfnlm.runlog import TIMING_KEYS, logged_training_minutes, read_logged_metrics
+from gfnlm.trainer import TrainingDiverged
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
 SPACE = ActionSpace(stop_token_ids=(STOP,), max_len=3, allowed_token_ids=ALLOWED)
@@ -61,6 +63,11 @@ def test_kill_and_resume_gives_identical_metrics(tokenizer, tmp_path, loss):
     assert len(list((tmp_path / "part" / "checkpoints").glob("step-*"))) == 2  # keep_checkpoints
 
 
+def draw(trainer: GFlowNetTrainer):
+    """One rewarded micro-batch, as a step draws it."""
+    return trainer.reward_batch(*trainer.draw_trajectories())
+
+
 def test_log_z_starts_at_each_querys_first_estimate(tokenizer):
     trainer = make_trainer(tokenizer, loss="tb", log_z_init="estimate")
     index = torch.tensor([2, 0, 2])
@@ -85,15 +92,15 @@ def test_log_z_is_estimated_from_on_policy_samples_only(tokenizer, monkeypatch, 
                            queries_per_step=3)
     trainer.seed_buffer([TrajectoryRecord(q, [1, 10], [3, 4], [True, True]) for q in QUERIES])
     temperatures = record_sampling_temperatures(trainer, monkeypatch)
-    first = trainer.draw_micro_batch()
+    first = draw(trainer)
     if log_z_init == "zero":  # log Z is learned from 0: nothing to estimate, replay from the start
         assert not first.fresh.any()
         return
     assert first.fresh.all() and set(temperatures[0]) == {1.0}
-    trainer.loss(first, 1.0)
+    trainer.objective(first, 1.0)
     seen = {trainer.query_index[q.key] for q in first.traj.queries}
     assert trainer.log_z_ready.tolist() == [i in seen for i in range(len(QUERIES))]
-    later = trainer.draw_micro_batch()
+    later = draw(trainer)
     for query, fresh in zip(later.traj.queries, later.fresh.tolist()):
         assert fresh == (trainer.query_index[query.key] not in seen)  # estimated queries are replayed
 
@@ -101,7 +108,7 @@ def test_log_z_is_estimated_from_on_policy_samples_only(tokenizer, monkeypatch, 
 def test_a_query_with_nothing_to_replay_is_sampled_on_policy_not_tempered(tokenizer, monkeypatch):
     trainer = make_trainer(tokenizer, loss="tb", p_replay=1.0, p_tempered=0.0, queries_per_step=3)
     temperatures = record_sampling_temperatures(trainer, monkeypatch)
-    batch = trainer.draw_micro_batch()  # the buffer is empty
+    batch = draw(trainer)  # the buffer is empty
     assert batch.fresh.all() and set(temperatures[0]) == {1.0}
 
 
@@ -176,9 +183,9 @@ def test_gradient_accumulation_averages_micro_batches(tokenizer):
     trainer = make_trainer(tokenizer, grad_accum=2, lora_dropout=0.0, p_replay=0.0, max_grad_norm=0.0)
     g_state = trainer.generator.get_state()
     params = [p for p in trainer.model.parameters() if p.requires_grad]
-    batches = [trainer.draw_micro_batch() for _ in range(2)]
-    manual = torch.autograd.grad(sum(trainer.loss(b, 1.0) for b in batches) / 2, params)
-    single = torch.autograd.grad(trainer.loss(batches[0], 1.0), params)
+    batches = [draw(trainer) for _ in range(2)]
+    manual = torch.autograd.grad(sum(trainer.objective(b, 1.0) for b in batches) / 2, params)
+    single = torch.autograd.grad(trainer.objective(batches[0], 1.0), params)
     trainer.generator.set_state(g_state)
     trainer.train_step()  # leaves the accumulated gradients in .grad until the next step
     for p, expected, one in zip(params, manual, single):
@@ -228,7 +235,7 @@ def test_deficit_replay_weighs_each_stored_trajectory_by_the_current_policy(toke
         return draw(query, n, generator, log_probs)
 
     monkeypatch.setattr(trainer.buffer, "sample", recording_draw)
-    replayed = {q.key: q for q in trainer.draw_micro_batch().traj.queries}
+    replayed = {q.key: q for q in trainer.draw_trajectories()[0].queries}
     assert given.keys() == replayed.keys()
     for query in replayed.values():
         traj = Trajectories.from_records(trainer.buffer.records(query), trainer.pad_id, trainer.device)
@@ -259,7 +266,7 @@ def test_learning_rate_warms_up_then_decays(tokenizer):
 def test_base_model_samples_are_drawn_with_the_adapter_off(tokenizer, monkeypatch):
     import contextlib
 
-    import gfnlm.trainer as trainer_module
+    import gfnlm.gflownet as gflownet_module
 
     state = {"off": False, "sampled_off": 0, "sampled_on": 0}
 
@@ -270,7 +277,7 @@ def test_base_model_samples_are_drawn_with_the_adapter_off(tokenizer, monkeypatc
             yield
         state["off"] = False
 
-    monkeypatch.setattr(trainer_module, "adapter_disabled", spy)
+    monkeypatch.setattr(gflownet_module, "adapter_disabled", spy)
     trainer = make_trainer(tokenizer, steps=2, p_replay=0.0, p_tempered=0.0, p_base=1.0)
     original = trainer.sample_records
 

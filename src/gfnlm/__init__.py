@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 _EXPORTS = {
     "ActionSpace": "gfnlm.trajectories",
     "CalculatorTool": "gfnlm.tools",
-    "GFlowNetTrainer": "gfnlm.trainer",
+    "GFlowNetTrainer": "gfnlm.gflownet",
     "LMStopReward": "gfnlm.rewards",
     "LMSuffixReward": "gfnlm.rewards",
     "Policy": "gfnlm.policy",
@@ -39,7 +39,7 @@ if TYPE_CHECKING:
     from gfnlm.rewards import LMStopReward, LMSuffixReward, Reward, SumReward, TextReward
     from gfnlm.sampling import Tool
     from gfnlm.tools import CalculatorTool
-    from gfnlm.trainer import GFlowNetTrainer
+    from gfnlm.gflownet import GFlowNetTrainer
     from gfnlm.trajectories import ActionSpace, Query, Trajectories
 
 

@@ -19,7 +19,6 @@ calculator): TRL's tools are chat-template function calls, so arithmetic keeps o
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -33,7 +32,7 @@ from gfnlm.distributed import Ranks
 from gfnlm.policy import Policy
 from gfnlm.rewards import Reward, terminal_log_rewards
 from gfnlm.sampling import encode_prompts, require_pad_token
-from gfnlm.trainer import METRICS_FILE, read_logged_metrics, truncate_logged_metrics
+from gfnlm.runlog import append_logged_metrics, read_logged_metrics, truncate_logged_metrics
 from gfnlm.trajectories import Query, TrajectoryRecord, Trajectories
 
 logger = logging.getLogger("gfnlm")
@@ -164,5 +163,4 @@ class RunLog(TrainerCallback):
                "reward_std": logs.get("reward_std"), "lr": logs.get("learning_rate"), "grad_norm": logs.get("grad_norm"),
                "mean_length": logs.get("completions/mean_length"),
                "samples_per_s": c.queries_per_step * c.samples_per_query / self.step_time, "step_time_s": self.step_time}
-        with open(self.baseline.output_dir / METRICS_FILE, "a") as f:
-            f.write(json.dumps(row) + "\n")
+        append_logged_metrics(self.baseline.output_dir, row)
