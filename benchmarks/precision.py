@@ -24,7 +24,7 @@ import torch
 from gfnlm.config import TrainConfig
 from gfnlm.models import load_model_and_tokenizer
 from gfnlm.policy import Policy
-from gfnlm.report import markdown_table, replace_section
+from gfnlm.reports.tables import markdown_table, replace_section
 from gfnlm.rewards import terminal_values
 from gfnlm.scoring import terminal_log_prob
 from gfnlm.tasks import get_task

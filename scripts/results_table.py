@@ -16,7 +16,8 @@ prints a Markdown table and, with --doc, replaces the lines between ``<!-- resul
     summary       the README's results table: each task's headline row, read from the generated tables
                   of docs/experiments/ (``summary --doc README.md --section summary``; no PATH)
 
-A task declares its tables in ``Task.results_tables`` and its headline in ``Task.headline``, so a new
+A task's report declares its tables in ``TaskReport.results_tables`` and its headline in
+``TaskReport.headline`` (``gfnlm/reports/NAME.py``, registered in ``gfnlm.reports.REPORTS``), so a new
 task needs no change here.
 """
 
@@ -27,15 +28,15 @@ from pathlib import Path
 
 from gfnlm.bench import engine_table, peer_table, scaling_table
 from gfnlm.bench import results_table as bench_table
-from gfnlm.report import ResultsTable, replace_section, summary_table
-from gfnlm.tasks import TASKS, get_task
+from gfnlm.reports import REPORTS, get_report
+from gfnlm.reports.tables import ResultsTable, replace_section, summary_table
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 
 
 def task_table(name: str) -> ResultsTable:
     task, _, kind = name.partition(":")
-    tables = get_task(task).results_tables()
+    tables = get_report(task).results_tables()
     if kind not in tables:
         known = ", ".join(f"{task}:{k}" if k else task for k in tables)
         raise SystemExit(f"task {task!r} has no table {kind!r}; its tables: {known}")
@@ -47,8 +48,8 @@ def list_tables() -> str:
              "bench:engine: gfnlm bench --reference_repeats 0 files: our step by precision and decoding",
              "bench:peer: gfnlm bench --peer trl-grpo files: ours against TRL's GRPO step",
              "summary: the README's results table"]
-    for task_name, task in TASKS.items():
-        lines += [f"{task_name}{':' + k if k else ''}: {t.help}" for k, t in task.results_tables().items()]
+    for task_name, report in REPORTS.items():
+        lines += [f"{task_name}{':' + k if k else ''}: {t.help}" for k, t in report.results_tables().items()]
     return "\n".join(lines)
 
 
@@ -66,7 +67,7 @@ def main() -> None:
         return
     figure = None
     if args.table == "summary":
-        content = summary_table([t.headline for t in TASKS.values() if t.headline is not None], DOCS)
+        content = summary_table([r.headline for r in REPORTS.values() if r.headline is not None], DOCS)
     elif args.table == "bench":
         content = bench_table(args.paths)
     elif args.table == "bench:processes":

@@ -13,6 +13,7 @@ from conftest import make_char_tokenizer, make_policy, make_tiny_lm, save_tiny_m
 from gfnlm.cli import main
 from gfnlm.data import read_lines
 from gfnlm.metrics import embedding_diversity
+from gfnlm.reports.continuation import ContinuationReport
 from gfnlm.rewards import LMStopReward
 from gfnlm.sentence import allowed_tokens, banned_token
 from gfnlm.tasks.continuation import ContinuationOptions, ContinuationTask
@@ -167,7 +168,7 @@ def test_cli_trains_a_gflownet_and_evaluates_it_and_a_baseline(model_dir, prompt
     beam = tmp_path / "beam"
     assert main(["eval", "--method", "diverse-beam", "--beam_factor", "2", "--output-dir", str(beam), *common]) == 0
     assert json.loads((beam / "eval.json").read_text())["label"] == "diverse-beam penalty=1 x2"
-    table = ContinuationTask.results_tables()[""].build([run, beam])
+    table = ContinuationReport.results_tables()[""].build([run, beam])
     gfn_row, beam_row = [[cell.strip() for cell in line.strip("|").split("|")] for line in table.splitlines()[2:]]
     assert gfn_row[0] == "GFlowNet T=0.5" and gfn_row[-1].startswith("2 x 8 / ")  # 2 steps of 2 prompts x 4
     assert beam_row[0] == "diverse-beam penalty=1 x2" and beam_row[-1] == "-"

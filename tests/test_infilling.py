@@ -13,6 +13,7 @@ from conftest import make_char_tokenizer, make_policy, make_tiny_lm, save_tiny_m
 
 from gfnlm.cli import main
 from gfnlm.metrics import BertScore, bleu4, gleu4, sacrebleu4
+from gfnlm.reports.infilling import InfillingReport
 from gfnlm.tasks.infilling import InfillingOptions, InfillingTask, Story, load_stories
 from gfnlm.trajectories import TrajectoryRecord, Trajectories
 
@@ -154,7 +155,7 @@ def test_every_method_trains_or_evaluates_through_the_cli(model_dir, stories_fil
     assert labels == {"story-lm": "story LM (prompting)", "gfn": "GFlowNet fine-tuning", "sft": "supervised fine-tuning",
                       "prompting": "prompting", "left-to-right": "left-to-right"}
     assert json.loads((tmp_path / "left-to-right" / "eval.json").read_text())["infill_prompt"] is False
-    table = InfillingTask.results_tables()[""].build([tmp_path / "gfn", tmp_path / "prompting"])
+    table = InfillingReport.results_tables()[""].build([tmp_path / "gfn", tmp_path / "prompting"])
     gfn_row, prompting_row = [[c.strip() for c in line.strip("|").split("|")] for line in table.splitlines()[2:]]
     assert gfn_row[0] == "GFlowNet fine-tuning" and gfn_row[-1].startswith("2 x 8 / ") and prompting_row[-1] == "-"
     gfn_config = (tmp_path / "gfn" / "config.yaml").read_text()

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from gfnlm import report
-from gfnlm.tasks import arithmetic, subjectivity
+from gfnlm.reports import arithmetic, subjectivity
+from gfnlm.reports import tables as report
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "results_table.py"
 
@@ -193,9 +193,9 @@ def test_summary_picks_the_headline_rows_of_the_generated_tables(tmp_path):
 
 
 def test_every_tasks_headline_is_found_in_the_committed_docs():
-    from gfnlm.tasks import TASKS
+    from gfnlm.reports import REPORTS
 
-    headlines = [t.headline for t in TASKS.values() if t.headline is not None]
+    headlines = [r.headline for r in REPORTS.values() if r.headline is not None]
     assert len(headlines) >= 3
     table = rows(report.summary_table(headlines, SCRIPT.parents[1] / "docs"))
     assert len(table) == len(headlines)

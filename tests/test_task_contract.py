@@ -21,7 +21,8 @@ def test_a_task_declares_the_shared_options_with_its_defaults(name):
     assert options.max_len >= 1 and 0 <= options.min_len <= options.max_len and options.eval_samples >= 1
     if name != "prompts":  # the user's data and reward have no default
         options.validate()
-    for value, message in [({"min_len": options.max_len + 1}, "min_len <= max_len"),
+    for value, message in [({"min_len": options.max_len + 1}, "min_len must be between 0 and max_len"),
+                           ({"max_len": 0, "min_len": 0}, "max_len must be at least 1"),
                            ({"eval_samples": 0}, "eval_samples must be at least")]:
         with pytest.raises(ValueError, match=message):
             dataclasses.replace(options, **value).validate()

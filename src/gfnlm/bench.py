@@ -35,7 +35,7 @@ from gfnlm.modes import adapter_disabled, eval_mode
 from gfnlm.reference import per_prefix_suffix_rewards, sample_with_grad
 from gfnlm.rewards import LMSuffixReward
 from gfnlm.sampling import encode_prompts
-from gfnlm.trainer import GFlowNetTrainer, MicroBatch
+from gfnlm.gflownet import GFlowNetTrainer, MicroBatch
 from gfnlm.trajectories import Query
 
 EQUALITY_TOLERANCE = 1e-4
@@ -248,7 +248,7 @@ class StepPaths:
         return self.trainer.policy.sample(self.rows(), generator=self.generator)
 
     def loss(self, traj, log_r) -> torch.Tensor:
-        return self.trainer.loss(MicroBatch(traj, log_r, torch.ones(len(traj), dtype=torch.bool)), 1.0)
+        return self.trainer.objective(MicroBatch(traj, log_r, torch.ones(len(traj), dtype=torch.bool)), 1.0)
 
     def fast_step(self) -> None:
         t = self.trainer
@@ -492,7 +492,7 @@ def engine_table(files: list[Path]) -> str:
     the step's time and its speed-up over our float32 eager step at the same point (queries x samples, T), its
     parts' rates, the share of the matmul peak measured in the same run in that precision, and the share of
     sampling spent outside the decoder. A file without a precision comes from before the Policy (float32, eager)."""
-    from gfnlm.report import markdown_table
+    from gfnlm.reports.tables import markdown_table
 
     header = ["our step", "queries x samples", "max T (mean)", "step (s)", "speed-up vs float32 eager",
               "sampling tok/s", "reward prefixes/s", "forward+backward (s)", "share of matmul peak",
@@ -524,7 +524,7 @@ def engine_table(files: list[Path]) -> str:
 def results_table(files: list[Path]) -> str:
     """One row per ``gfnlm bench --output`` file (device): our step, the reference step, speed-up and memory.
     A run of the sampler with the static KV cache says so after its device."""
-    from gfnlm.report import markdown_table
+    from gfnlm.reports.tables import markdown_table
 
     header = ["device", "queries x samples", "max T (mean)", "our step (s)", "reference step (s)", "speed-up",
               "our peak MB", "reference peak MB", "memory ratio", "sampling tok/s", "reward prefixes/s",
@@ -598,7 +598,7 @@ def run_peer(settings: BenchSettings, echo: Callable[[str], None] = print) -> di
 
 def peer_table(files: list[Path]) -> str:
     """One row per ``gfnlm bench --peer trl-grpo --output`` file: both steps' samples/s and their ratio."""
-    from gfnlm.report import markdown_table
+    from gfnlm.reports.tables import markdown_table
 
     rows = []
     for path in files:
@@ -622,7 +622,7 @@ def run_process_scaling(settings: BenchSettings, echo: Callable[[str], None] = p
     import sys
     import tempfile
 
-    from gfnlm.trainer import read_logged_metrics
+    from gfnlm.runlog import read_logged_metrics
 
     s = settings
     results: dict = {"settings": asdict(s), "device": f"CPU, {s.processes} processes x 1 thread", "runs": {}}
@@ -670,7 +670,7 @@ def scaling_worker(settings: BenchSettings, out: Path) -> None:
 
 def scaling_table(files: list[Path]) -> str:
     """One row per ``gfnlm bench --processes N --output`` file: samples/s of 1 and N processes, efficiency."""
-    from gfnlm.report import markdown_table
+    from gfnlm.reports.tables import markdown_table
 
     rows = []
     for path in files:

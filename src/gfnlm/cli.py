@@ -105,6 +105,8 @@ def train_and_evaluate(run: RunSettings, output_dir: Path, resume: bool, label: 
 
     Under ``torchrun`` / ``accelerate launch`` every process trains; rank 0 alone writes and evaluates
     (the others return None)."""
+    from gfnlm.reports import get_report
+
     task, policy = load_task_and_policy(run)
     trainer = task.trainer(run.method, policy, run.train, run.ppo, output_dir)
     if trainer.ranks.writes:
@@ -119,7 +121,7 @@ def train_and_evaluate(run: RunSettings, output_dir: Path, resume: bool, label: 
     result = task.evaluate(evaluated, output_dir, label or task.eval_label(run.method, str(output_dir)))
     result["train_steps"] = trainer.step
     write_json(output_dir / "eval.json", result)
-    task.figures([result], output_dir)
+    get_report(run.task).figures([result], output_dir)
     return result
 
 
@@ -137,6 +139,7 @@ def cmd_train(args: argparse.Namespace, overrides: list[str]) -> int:
 
 
 def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
+    from gfnlm.reports import get_report
     from gfnlm.tasks import get_task
 
     saved = None
@@ -151,7 +154,7 @@ def cmd_eval(args: argparse.Namespace, overrides: list[str]) -> int:
     label = args.label or task.eval_label(run.method, args.adapter)
     result = task.evaluate(policy, output_dir, label)
     write_json(output_dir / "eval.json", result)
-    task.figures([result], output_dir)
+    get_report(run.task).figures([result], output_dir)
     print(format_table([result], task.summary_keys))
     return 0
 
@@ -194,7 +197,7 @@ def _bench_epilog() -> str:
 
 def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     """The main job: GFlowNet fine-tuning of the embedded model on random integers (paper Fig. 2)."""
-    from gfnlm.tasks import get_task
+    from gfnlm.reports import get_report
 
     root = Path(args.output_dir)
     demo_defaults = DEMO_SETTINGS | parse_overrides(overrides)
@@ -217,7 +220,7 @@ def cmd_demo(args: argparse.Namespace, overrides: list[str]) -> int:
     tuned = train_and_evaluate(run, gfn_dir, resume=resume, label="GFlowNet fine-tuned")
     print()
     print(format_table([base, tuned], keys))
-    figures = get_task(run.task).figures([base, tuned], root)
+    figures = get_report(run.task).figures([base, tuned], root)
     print("figure:", ", ".join(map(str, figures)))
     return 0
 
@@ -246,7 +249,7 @@ DEMO_SETTINGS = {
 def format_table(results: list[dict], keys: tuple[str, ...]) -> str:
     """A plain-text table of the given metrics, one row per evaluated model."""
     header = ["model", *keys]
-    from gfnlm.report import format_number
+    from gfnlm.reports.tables import format_number
 
     rows = [[str(r.get("label", "?")), *(format_number(r.get(k)) for k in keys)] for r in results]
     widths = [max(len(h), *(len(row[i]) for row in rows)) for i, h in enumerate(header)]

@@ -1,11 +1,12 @@
-"""What a task supplies to the one engine: data, prompt format, action space, reward, metrics, tables.
+"""What a task supplies to the one engine: data, prompt format, action space, reward, metrics.
 
 A task never samples or computes a loss itself; the trainer and the baselines do that for every
-task alike. Everything the command line, the trainer and the results tables need to know about a
-task is declared here, on the task's class, so that a new task is one file under ``tasks/`` and one
-line in ``tasks/__init__.py`` (docs/design.md, "Adding a task"). Its options are a dataclass
-(``Options``) whose fields are documented like the trainer's, so they can be set from YAML or
-``--key value``.
+task alike. Everything the command line and the trainer need to know about a task is declared
+here, on the task's class, so that a new task is one file under ``tasks/`` and one line in
+``tasks/__init__.py`` (docs/design.md, "Adding a task"); its figures, results tables and row of the
+README's results table are its report's (``gfnlm.reports``), which no task imports. Its options are
+a dataclass (``Options``) whose fields are documented like the trainer's, so they can be set from
+YAML or ``--key value``.
 """
 
 from __future__ import annotations
@@ -19,7 +20,6 @@ import torch
 
 from gfnlm.config import TrainConfig, setting
 from gfnlm.policy import Policy
-from gfnlm.report import Headline, ResultsTable, runs_table
 from gfnlm.rewards import Reward
 from gfnlm.sampling import ToolHook
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord
@@ -40,9 +40,10 @@ class TaskOptions:
     def validate(self) -> None:
         """Raise ``ValueError`` for options that cannot work; called before the model loads, so a typo
         costs no model load. A task that adds checks (without a tokenizer) calls this one first."""
-        if not 0 <= self.min_len <= self.max_len or self.max_len < 1:
-            raise ValueError(f"need 0 <= min_len <= max_len and max_len >= 1, got min_len {self.min_len}, "
-                             f"max_len {self.max_len}")
+        if self.max_len < 1:
+            raise ValueError(f"max_len must be at least 1, got {self.max_len}")
+        if not 0 <= self.min_len <= self.max_len:
+            raise ValueError(f"min_len must be between 0 and max_len ({self.max_len}), got {self.min_len}")
         if self.eval_samples < 1:
             raise ValueError(f"eval_samples must be at least 1, got {self.eval_samples}")
 
@@ -65,8 +66,6 @@ class Task(ABC):
     without an adapter (prompting, decoding rules). ``method_settings`` turns each into options."""
     DataOptions: ClassVar[type | None] = None
     """Settings of ``gfnlm data TASK`` (a dataclass like ``Options``), for tasks that generate data files."""
-    headline: ClassVar[Headline | None] = None
-    """The task's row in the README's results table (``scripts/results_table.py summary``)."""
 
     def __init__(self, options: TaskOptions, tokenizer):
         self.options, self.tokenizer = options, tokenizer
@@ -127,7 +126,7 @@ class Task(ABC):
         """
         from gfnlm.baselines.ppo import PPOTrainer
         from gfnlm.baselines.sft import SFTTrainer
-        from gfnlm.trainer import GFlowNetTrainer
+        from gfnlm.gflownet import GFlowNetTrainer
 
         queries = self.train_queries()
         if method == "gfn":
@@ -147,7 +146,7 @@ class Task(ABC):
             return GRPOBaseline(policy, self.reward(policy), queries, config, output_dir)
         raise ValueError(f"task {self.name!r} cannot train with method {method!r}; methods: {', '.join(self.train_methods)}")
 
-    # ----------------------------------------------------------------- evaluation and reports
+    # ----------------------------------------------------------------- evaluation
     @abstractmethod
     def evaluate(self, policy: Policy, output_dir: Path | None, label: str) -> dict:
         """The task's metrics for ``policy`` (its adapter on, if any), over the task's action space."""
@@ -157,18 +156,6 @@ class Task(ABC):
         if method == "prompting":
             return f"{getattr(self.options, 'shots', 0)}-shot prompting"  # tasks with k-shot prompts declare shots
         return method if adapter or method in self.eval_methods else "base"
-
-    @classmethod
-    def figures(cls, results: list[dict], output_dir: Path) -> list[Path]:
-        """Write the task's figures for one or more evaluated models (from their eval.json); returns paths."""
-        return []
-
-    @classmethod
-    def results_tables(cls) -> dict[str, ResultsTable]:
-        """The task's results tables by name, for ``scripts/results_table.py TASK[:NAME]``; "" is the default:
-        one row per run folder with the task's ``summary_keys``."""
-        return {"": ResultsTable(lambda runs: runs_table(runs, cls.summary_keys),
-                                 "one row per run folder: its label, the task's metrics, steps and training minutes")}
 
     @classmethod
     def make_data(cls, options: Any) -> list[dict]:

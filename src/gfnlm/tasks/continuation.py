@@ -48,15 +48,12 @@ from gfnlm.data import read_lines
 from gfnlm.decoding import RULES, DecodingRule, RuleName, TokenCounter, as_batch, decode
 from gfnlm.metrics import embedding_diversity
 from gfnlm.policy import Policy
-from gfnlm.report import Headline, Pick, ResultsTable, markdown_table, read_eval, training_budget
 from gfnlm.rewards import LMStopReward, terminal_values
 from gfnlm.sentence import SENTENCE_END, allowed_tokens
 from gfnlm.tasks.base import Task, TaskOptions
 from gfnlm.trajectories import ActionSpace, Query
 
 DATA_FILE = "../shared/data/openwebtext/prompts.txt"
-EXAMPLE_PROMPTS = (0, 1, 4)
-"""Held-out prompts (lines 951, 952, 955) of the Table B.1-like list: three of Appendix B's four."""
 
 
 @dataclass
@@ -223,68 +220,3 @@ class ContinuationTask(Task):
             "samples": [{"text": t + SENTENCE_END, "log_likelihood": round(v, 4), "tokens": n}
                         for t, v, n in zip(texts, log_lik, lengths)],
         }
-
-    # ----------------------------------------------------------------- reports
-    @classmethod
-    def figures(cls, results: list[dict], output_dir: Path) -> list[Path]:
-        return [draw_pareto(results, output_dir / "pareto.png")]
-
-    headline = Headline(
-        experiment="Sentence continuation (§4.1)", page="continuation.md",
-        metric="max log-likelihood of 8 next sentences / their diversity",
-        columns=("max log-likelihood", "diversity"),
-        gfn=Pick("continuation", {"method": "GFlowNet T=0.875"}),
-        baseline=Pick("continuation", {"method": "diverse-beam penalty=1 x5"}), baseline_name="diverse beam search, 5x compute",
-        paper="above diverse beam search in max log-likelihood, on par with it at 5x compute, more diverse (GPT-2 XL, Fig. 3)",
-        setting="SmolLM2-135M, 2 CPU cores", budget="{training}")
-
-    @classmethod
-    def results_tables(cls) -> dict[str, ResultsTable]:
-        return {
-            "": ResultsTable(metrics_table,
-                             "one row per evaluation folder (Fig. 3's numbers); --figure draws the Pareto plot",
-                             draw=lambda runs, png: draw_pareto([read_eval(r) for r in runs], png)),
-            "samples": ResultsTable(samples_table, "Table B.1: three held-out prompts, each evaluation's continuations"),
-        }
-
-
-def metrics_table(runs: list[Path]) -> str:
-    """Fig. 3's numbers: one row per evaluation folder (a GFlowNet run's, or a decoding baseline's)."""
-    header = ["method", "max log-likelihood", "diversity", "mean log-likelihood", "mean tokens", "ended by '.'",
-              "distinct of N", "forward tokens / prompt", "s / prompt", "prompts", "training"]
-    rows = [[r["label"], f"{r['max_log_likelihood']:.2f}", f"{r['diversity']:.3f}", f"{r['mean_log_likelihood']:.2f}",
-             f"{r['mean_length']:.1f}", f"{r['ended_fraction']:.2f}", f"{r['distinct']:.1f} / {r['eval_samples']}",
-             f"{r['forward_tokens_per_prompt']:.0f}", f"{r['seconds_per_prompt']:.1f}", str(r["n_prompts"]),
-             training_budget(run)] for run, r in ((run, read_eval(run)) for run in runs)]
-    return markdown_table(header, rows)
-
-
-def samples_table(runs: list[Path]) -> str:
-    """Paper Table B.1: for three held-out prompts, the continuations of each evaluation (one row each)."""
-    rows = []
-    for index in EXAMPLE_PROMPTS:
-        for run in runs:
-            lines = (run / "samples.jsonl").read_text().splitlines()
-            if index >= len(lines):
-                continue
-            entry = json.loads(lines[index])
-            texts = " / ".join(f"{c['text'].strip()} ({c['log_likelihood']:.1f})" for c in entry["continuations"])
-            rows.append([entry["prompt"], read_eval(run)["label"], texts])
-    return markdown_table(["prompt", "method", "continuations (log-likelihood)"], rows)
-
-
-def draw_pareto(results: list[dict], path: Path) -> Path:
-    """Paper Fig. 3: max log-likelihood (y) against diversity (x), one labelled point per method."""
-    from gfnlm.plots import plt, save_figure
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    for r in results:
-        gfn = r["label"].startswith("GFlowNet")
-        ax.scatter(r["diversity"], r["max_log_likelihood"], marker="*" if gfn else "o", s=120 if gfn else 40,
-                   color="#c44e52" if gfn else "#4c72b0", zorder=3)
-        ax.annotate(r["label"], (r["diversity"], r["max_log_likelihood"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
-    ax.set_xlabel("diversity (1 - mean pairwise cosine similarity)")
-    ax.set_ylabel("max log-likelihood over N samples")
-    ax.grid(alpha=0.3)
-    return save_figure(fig, path)

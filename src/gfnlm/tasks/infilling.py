@@ -60,7 +60,6 @@ from gfnlm.data import read_rows, row_name
 from gfnlm.metrics import BertScore, bleu4, gleu4, sacrebleu4
 from gfnlm.models import load_adapter, stop_token_ids
 from gfnlm.modes import adapter_disabled, eval_mode
-from gfnlm.report import Headline, Pick, ResultsTable, markdown_table, read_eval, training_budget
 from gfnlm.rewards import (
     LMSuffixReward,
     lm_continuation_log_likelihoods,
@@ -76,8 +75,6 @@ from gfnlm.trajectories import ActionSpace, Query, Trajectories, TrajectoryRecor
 
 DATA_FILE = "../shared/data/stories/rocstories_cloze_val2016.csv"
 PROMPT = "Beginning: {beginning}\n End: {ending}\n Middle:"
-EXAMPLE_STORIES = (0, 1, 2)
-"""Validation stories of the Table C.7-like list."""
 
 
 @dataclass(frozen=True)
@@ -379,45 +376,3 @@ class InfillingTask(Task):
                 traj = Trajectories.from_records(records[start : start + 32], self.tokenizer.pad_token_id, policy.device)
                 values += terminal_values(policy_prefix_log_likelihoods(story_policy, traj), traj).tolist()
         return statistics.mean(values)
-
-    # ----------------------------------------------------------------- reports
-    headline = Headline(
-        experiment="Story infilling (§4.2)", page="infilling.md", metric="BERTScore / BLEU-4 / GLEU-4",
-        columns=("BERTScore", "BLEU-4", "GLEU-4"),
-        gfn=Pick("infilling", {"method": "GFlowNet fine-tuning"}),
-        baseline=Pick("infilling", {"method": "supervised fine-tuning"}), baseline_name="SFT",
-        paper="0.184 / 2.1 / 4.2; SFT 0.094 / 1.6 / 3.7 (GPT-2 Large; BERTScore with DeBERTa, ours with MPNet)",
-        setting="SmolLM2-135M, 2 CPU cores", budget="{training}")
-
-    @classmethod
-    def results_tables(cls) -> dict[str, ResultsTable]:
-        return {
-            "": ResultsTable(metrics_table,
-                             "Table 2: one row per evaluation folder"),
-            "samples": ResultsTable(samples_table, "Table C.7: three validation stories, each evaluation's infills"),
-        }
-
-
-def metrics_table(runs: list[Path]) -> str:
-    """Table 2: one row per evaluation folder (a training run's, or a baseline's)."""
-    def cell(r: dict, key: str, digits: int) -> str:
-        return f"{r[key]:.{digits}f} ± {r[key + '_std']:.{digits}f}"
-
-    header = ["method", "BERTScore", "BLEU-4", "GLEU-4", "sacreBLEU", "log p(Y | X Z)", "distinct of K", "words",
-              "stories", "training"]
-    rows = [[r["label"], cell(r, "bertscore", 3), cell(r, "bleu4", 2), cell(r, "gleu4", 2), cell(r, "sacrebleu", 2),
-             cell(r, "log_p_ending", 2), f"{r['distinct']:.1f} / {r['eval_samples']}", f"{r['mean_words']:.1f}",
-             str(r["n_stories"]), training_budget(run)] for run, r in ((run, read_eval(run)) for run in runs)]
-    return markdown_table(header, rows)
-
-
-def samples_table(runs: list[Path]) -> str:
-    """Paper Table C.7: for three validation stories, the reference and three infills of each evaluation."""
-    rows = []
-    for index in EXAMPLE_STORIES:
-        for n, run in enumerate(runs):
-            entry = json.loads((run / "samples.jsonl").read_text().splitlines()[index])
-            if n == 0:
-                rows.append([f"{entry['beginning']} [...] {entry['ending']}", "reference", entry["reference"]])
-            rows.append(["", read_eval(run)["label"], " / ".join(entry["infills"][:3])])
-    return markdown_table(["story (beginning [...] end)", "method", "fourth sentence"], rows)

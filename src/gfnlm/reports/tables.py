@@ -2,8 +2,8 @@
 
 A page holds each generated table between ``<!-- results:NAME -->`` and ``<!-- /results:NAME -->``;
 ``scripts/results_table.py`` fills the block from run folders, so no figure in a table is typed by
-hand. A task declares its own tables (``Task.results_tables``) and its row of the README's results
-table (``Task.headline``), built with the helpers here.
+hand. A task's report (``gfnlm.reports``) declares the task's tables (``TaskReport.results_tables``) and
+its row of the README's results table (``TaskReport.headline``), built with the helpers here.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
-from gfnlm.trainer import logged_training_minutes, read_logged_metrics
+from gfnlm.runlog import logged_training_minutes, read_logged_metrics
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,4 @@
-"""Figure helpers (matplotlib, headless): each task draws its own figures with these."""
+"""Figure helpers (matplotlib, headless): each task's report draws the task's figures with these."""
 
 from __future__ import annotations
 
