@@ -8,7 +8,7 @@
 #   DEVICE=cuda SECTION=bench-engine-gpu bash benchmarks/engine.sh runs/bench-engine-gpu   # the prepared GPU check
 set -euo pipefail
 out=${1:-runs/bench-engine}
-python=${PYTHON:-python3}
+python=${PYTHON:-$([ -x .venv/bin/python ] && echo .venv/bin/python || echo python3)}  # the venv make install builds
 mkdir -p "$out"
 previous="$out/previous-release"
 if [ ! -d "$previous" ]; then

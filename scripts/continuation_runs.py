@@ -20,7 +20,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from gfnlm.experiments import run_command, settings_flags
+from run_folders import run_command, settings_flags  # scripts/run_folders.py
 
 GFN = ["--steps", "10000", "--queries_per_step", "4", "--samples_per_query", "8", "--lr", "5e-4",
        "--warmup_steps", "10", "--reward_temp_horizon", "30", "--save_every", "10"]

@@ -20,7 +20,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from gfnlm.experiments import run_command, settings_flags
+from run_folders import run_command, settings_flags  # scripts/run_folders.py
 
 STORY_LM = ["--queries_per_step", "16", "--lr", "5e-4", "--save_every", "10"]
 """16 whole stories a step (of the 1771 of the reward and training splits), for --story-lm-steps steps."""

@@ -23,3 +23,5 @@ grpo_resume=$([ -d "$out/grpo/trl" ] && echo --resume || true)
 "$bin" train --method grpo --output-dir "$out/grpo" "${common[@]}" --lr 1e-4 --time_limit_minutes "$gfn_minutes" $grpo_resume
 python3 scripts/results_table.py random-number "$out/base" "$out/gfn" --doc docs/experiments/random-number.md --section demo
 python3 scripts/results_table.py random-number "$out/base" "$out/gfn" "$out/long/gfn" "$out/ppo" "$out/grpo" "$out/sft" --doc docs/experiments/random-number.md --section random-number
+python3 scripts/results_table.py random-number "$out/base" "$out/gfn" "$out/grpo" --doc docs/experiments/random-number.md \
+    --section random-number-grpo --figure docs/experiments/random-number-grpo.png

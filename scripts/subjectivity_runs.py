@@ -19,7 +19,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from gfnlm.experiments import run_command, settings_flags
+from run_folders import run_command, settings_flags  # scripts/run_folders.py
 
 SUPERVISED = ["--steps", "50", "--warmup_steps", "10", "--queries_per_step", "8", "--samples_per_query", "1"]
 """SFT and EM's M-step: 400 examples seen (the paper: 100 steps x 256), within CPU reach."""

@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import make_policy
 
-from gfnlm.reference import per_prefix_log_likelihoods
+from gfnlm.bench.reference import per_prefix_log_likelihoods
 from gfnlm.rewards import (
     LMStopReward,
     LMSuffixReward,

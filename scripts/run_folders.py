@@ -1,4 +1,4 @@
-"""What the experiment scripts (``scripts/*_runs.py``) share: one command per run folder, resumable."""
+"""What the experiment scripts (``scripts/*_runs.py``) share: one ``gfnlm`` command per run folder, resumable."""
 
 from __future__ import annotations
 
