@@ -21,7 +21,7 @@ the cache to grow it. The tokens and log-probs are those of the growing cache.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Protocol, Sequence
 
 import torch
 from torch import Tensor
@@ -29,11 +29,10 @@ from transformers import StaticCache
 
 from gfnlm.modes import eval_mode
 from gfnlm.scoring import PolicyHead, split_model, vocab_size
-from gfnlm.trajectories import ActionLayout, Query, TrajectoryRecord, Trajectories
+from gfnlm.trajectories import ActionLayout, ActionSpace, Query, TrajectoryRecord, Trajectories
 
 if TYPE_CHECKING:
     from gfnlm.context import SharedContext
-    from gfnlm.policy import Policy
 
 STATIC_CACHE_BUCKET = 32
 """Static caches are allocated in multiples of this many columns, so that compiled steps see few shapes."""
@@ -56,6 +55,20 @@ class Tool:
 
 
 ToolHook = Tool | Callable[[Query, list[int]], list[int]]
+
+
+class SamplingPolicy(Protocol):
+    """What the sampler reads of a policy (``gfnlm.policy.Policy``, which calls it)."""
+
+    model: Any
+    tokenizer: Any
+    space: ActionSpace
+    tool: ToolHook | None
+    device: torch.device
+    static_cache: bool
+    compiled_step: Callable | None
+
+    def adapters_in_compute_dtype(self) -> ContextManager[None]: ...
 """A ``Tool``, or a plain function with its ``__call__``'s signature (asked after every action)."""
 
 
@@ -174,7 +187,7 @@ def _choose(log_probs: Tensor, temps: Tensor, top_k: int | None, top_p: float | 
 
 @torch.no_grad()
 def sample(
-    policy: Policy,
+    policy: SamplingPolicy,
     queries: Sequence[Query],
     temperature: float | Sequence[float] | Tensor = 1.0,
     generator: torch.Generator | None = None,
@@ -259,7 +272,7 @@ def _feed_inserted(step: _Step, pending: dict[int, list[int]], feeding: Tensor) 
             feeding[row] = False
 
 
-def _ask_tool(policy: Policy, queries: Sequence[Query], steps: list[_Step], fire: Tensor,
+def _ask_tool(policy: SamplingPolicy, queries: Sequence[Query], steps: list[_Step], fire: Tensor,
               pending: dict[int, list[int]], feeding: Tensor) -> None:
     """Ask the tool about the rows in ``fire`` [B] (they just wrote a trigger token); queue what it inserts."""
     for row in fire.nonzero().flatten().tolist():
@@ -270,7 +283,7 @@ def _ask_tool(policy: Policy, queries: Sequence[Query], steps: list[_Step], fire
             feeding[row] = True
 
 
-def _collate(policy: Policy, queries: Sequence[Query], prompts: list[list[int]], steps: list[_Step],
+def _collate(policy: SamplingPolicy, queries: Sequence[Query], prompts: list[list[int]], steps: list[_Step],
              pad_id: int) -> Trajectories:
     """The sampled batch, with the log-probs recorded while sampling ([B, T], [B, T+1])."""
     columns = {name: torch.stack([getattr(s, name) for s in steps], dim=1).tolist()  # [B, S] each
@@ -303,7 +316,7 @@ class _Decoder:
     and values are gathered to the rows that share it (all the samples of one query).
     """
 
-    def __init__(self, policy: Policy, prompts: Trajectories, context: SharedContext | None, new_tokens: int):
+    def __init__(self, policy: SamplingPolicy, prompts: Trajectories, context: SharedContext | None, new_tokens: int):
         self.policy, self.prompts, self.context, self.new_tokens = policy, prompts, context, new_tokens
         self.body = split_model(policy.model)[0]
         mask = prompts.attention_mask

@@ -13,7 +13,7 @@ spread), peak memory is measured in separate untimed runs (bytes allocated above
 on CPU, the CUDA allocator on GPU),
 and the floating-point work of a step is compared with the machine's measured matmul throughput.
 
-Modules: ``run`` (the settings, ``run_bench``), ``measure`` (timings, memory, operators, matmul peak),
+Modules: ``settings`` (``BenchSettings``), ``run`` (``run_bench``), ``measure`` (timings, memory, operators, matmul peak),
 ``paper`` (``StepPaths``: our step and the reference step on one trainer), ``reference`` (the paper's
 per-prefix computations), ``tables`` (results tables of ``--output`` files), ``peer`` (against TRL's
 GRPO step), ``processes`` (data-parallel scaling through torchrun; its ranks run that module).
@@ -26,7 +26,8 @@ from __future__ import annotations
 import importlib
 
 _HOMES = {
-    **dict.fromkeys(("BenchSettings", "run_bench"), "run"),
+    "BenchSettings": "settings",
+    "run_bench": "run",
     **dict.fromkeys(("Timing", "PeakMemory", "cpu_memory_mb", "time_it", "measure_peak", "op_profile",
                      "rank_operators", "matmul_peak_gflops", "model_forward_share"), "measure"),
     "StepPaths": "paper",

@@ -6,13 +6,11 @@ import json
 import statistics
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
 from gfnlm.bench.measure import _device_name
+from gfnlm.bench.settings import BenchSettings
 from gfnlm.config import TrainConfig
-
-if TYPE_CHECKING:
-    from gfnlm.bench.run import BenchSettings
 
 
 def run_peer(settings: BenchSettings, echo: Callable[[str], None] = print) -> dict:

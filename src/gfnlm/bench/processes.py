@@ -7,13 +7,10 @@ import json
 import statistics
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable
+from typing import Callable
 
+from gfnlm.bench.settings import BenchSettings
 from gfnlm.config import TrainConfig
-
-if TYPE_CHECKING:
-    from gfnlm.bench.run import BenchSettings
-
 
 def run_process_scaling(settings: BenchSettings, echo: Callable[[str], None] = print) -> dict:
     """Samples/s of the GFlowNet step on 1 and ``processes`` CPU processes (one thread each), and the
@@ -75,6 +72,4 @@ def scaling_worker(settings: BenchSettings, out: Path) -> None:
 if __name__ == "__main__":  # a rank of run_process_scaling, started by torchrun
     import sys
 
-    from gfnlm.bench import run
-
-    scaling_worker(run.BenchSettings(**json.loads(sys.argv[1])), Path(sys.argv[2]))
+    scaling_worker(BenchSettings(**json.loads(sys.argv[1])), Path(sys.argv[2]))
