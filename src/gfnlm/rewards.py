@@ -395,12 +395,15 @@ class TextReward:
             values = [math.log(v) for v in values]
         return [float(v) for v in values]
 
+    def decoded_log_rewards(self, ids: list[list[int]], queries: list[Query]) -> list[float]:
+        """``log_rewards`` of the texts these token ids spell."""
+        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=self.skip_special_tokens)
+        return self.log_rewards(texts, queries, ids)
+
     def __call__(self, traj: Trajectories) -> Tensor:
         records = traj.records()
         ids = [r.generated_ids[:end] for r in records for end in r.state_ends()]
-        queries = [r.query for r in records for _ in r.state_ends()]
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=self.skip_special_tokens)
-        values = iter(self.log_rewards(texts, queries, ids))
+        values = iter(self.decoded_log_rewards(ids, [r.query for r in records for _ in r.state_ends()]))
         log_r = torch.zeros((len(traj), traj.horizon + 1), dtype=torch.float32)
         for b, record in enumerate(records):
             for i in range(record.length + 1):
@@ -410,9 +413,8 @@ class TextReward:
     def terminal(self, traj: Trajectories) -> Tensor:
         """log R of each whole text only: [B] (buffer seeding, GRPO), one call of the function on B texts."""
         records = traj.records()
-        ids = [r.generated_ids for r in records]
-        texts = self.tokenizer.batch_decode(ids, skip_special_tokens=self.skip_special_tokens)
-        return torch.tensor(self.log_rewards(texts, [r.query for r in records], ids), device=traj.input_ids.device)
+        log_r = self.decoded_log_rewards([r.generated_ids for r in records], [r.query for r in records])
+        return torch.tensor(log_r, device=traj.input_ids.device)
 
 
 class TRLReward(TextReward):

@@ -55,6 +55,7 @@ class Tool:
 
 
 ToolHook = Tool | Callable[[Query, list[int]], list[int]]
+"""A ``Tool``, or a plain function with its ``__call__``'s signature (asked after every action)."""
 
 
 class SamplingPolicy(Protocol):
@@ -69,7 +70,6 @@ class SamplingPolicy(Protocol):
     compiled_step: Callable | None
 
     def adapters_in_compute_dtype(self) -> ContextManager[None]: ...
-"""A ``Tool``, or a plain function with its ``__call__``'s signature (asked after every action)."""
 
 
 def take_action(query: Query, generated: list[int], is_action: list[bool], token: int,

@@ -39,11 +39,15 @@ def compute_dtype(model) -> torch.dtype:
     return getattr(embedding, "_gfnlm_dtype", embedding.weight.dtype)
 
 
+def soft_capped(logits: Tensor, cap: float | None) -> Tensor:
+    """The model's logit soft cap (Gemma's ``final_logit_softcapping``), if it has one."""
+    return cap * torch.tanh(logits / cap) if cap else logits
+
+
 def output_logits(model, hidden: Tensor) -> Tensor:
     """The output head (with its logit soft cap, if any) in float32 (``gfnlm.policy.store_weights``). [..., H] -> [..., V]."""
     _, head, cap = split_model(model)
-    logits = head(hidden).float()
-    return cap * torch.tanh(logits / cap) if cap else logits
+    return soft_capped(head(hidden).float(), cap)
 
 
 def head_log_probs(model, hidden: Tensor, token_ids: Tensor, keep: Tensor | None = None,
@@ -70,8 +74,7 @@ def head_log_probs(model, hidden: Tensor, token_ids: Tensor, keep: Tensor | None
         weights = (head.weight.to(hidden.dtype), None if head.bias is None else head.bias.to(hidden.dtype))
 
         def logits_of(rows: Tensor) -> Tensor:
-            logits = torch.nn.functional.linear(rows, *weights).float()
-            return cap * torch.tanh(logits / cap) if cap else logits
+            return soft_capped(torch.nn.functional.linear(rows, *weights).float(), cap)
     else:
         logits_of = lambda rows: output_logits(model, rows)  # noqa: E731 (a wrapped head: as the model runs it)
     out = []
@@ -147,8 +150,7 @@ class PolicyHead:
     def __call__(self, hidden: Tensor) -> Tensor:
         if self.rows is None:
             return self.layout.select(output_logits(self.model, hidden))
-        logits = torch.nn.functional.linear(hidden.to(self.rows[0].dtype), *self.rows)
-        return self.cap * torch.tanh(logits / self.cap) if self.cap else logits
+        return soft_capped(torch.nn.functional.linear(hidden.to(self.rows[0].dtype), *self.rows), self.cap)
 
 
 def action_log_probs(model, hidden: Tensor, traj: Trajectories, space: ActionSpace) -> tuple[Tensor, Tensor]:

@@ -60,6 +60,7 @@ class TaskRewardForTRL:
 
     def __init__(self, reward: Reward, policy: Policy, queries: Sequence[Query]):
         self.reward, self.policy, self.queries = reward, policy, list(queries)
+        self.prompt_ids = encode_prompts(policy.tokenizer, self.queries)  # once, not per completion
         self.stops = set(policy.space.stop_token_ids)
         self.__name__ = "task_log_reward"  # TRL logs a reward function under its name
 
@@ -68,8 +69,7 @@ class TaskRewardForTRL:
         records = []
         for index, ids in zip(query, completion_ids, strict=True):
             actions = list(ids[:-1] if ids and ids[-1] in self.stops else ids)
-            q = self.queries[index]
-            records.append(TrajectoryRecord(q, encode_prompts(self.policy.tokenizer, [q])[0], actions, [True] * len(actions)))
+            records.append(TrajectoryRecord(self.queries[index], self.prompt_ids[index], actions, [True] * len(actions)))
         traj = Trajectories.from_records(records, require_pad_token(self.policy.tokenizer), self.policy.device)
         return terminal_log_rewards(self.reward, traj).tolist()
 

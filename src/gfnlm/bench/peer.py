@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import asdict
 from pathlib import Path
@@ -55,7 +54,5 @@ def run_peer(settings: BenchSettings, echo: Callable[[str], None] = print) -> di
     results["ratio"] = results["ours"]["samples_per_s"] / results["peer"]["samples_per_s"]
     echo(f"samples/s: ours {results['ours']['samples_per_s']:.2f}, TRL GRPO {results['peer']['samples_per_s']:.2f} "
          f"(trl {trl.__version__}); ratio {results['ratio']:.2f}")
-    if s.output:
-        Path(s.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(s.output).write_text(json.dumps(results, indent=1))
+    s.save(results)
     return results

@@ -47,9 +47,7 @@ def run_process_scaling(settings: BenchSettings, echo: Callable[[str], None] = p
     results["scaling_efficiency"] = many / (s.processes * one)
     echo(f"{s.processes} processes: {many / one:.2f}x the samples/s of one, scaling efficiency "
          f"{100 * results['scaling_efficiency']:.0f}%")
-    if s.output:
-        Path(s.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(s.output).write_text(json.dumps(results, indent=1))
+    s.save(results)
     return results
 
 

@@ -3,10 +3,8 @@
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, replace
-from pathlib import Path
 from typing import Callable
 
 from gfnlm.bench.measure import (
@@ -145,9 +143,7 @@ def run_bench(settings: BenchSettings, echo: Callable[[str], None] = print) -> d
         echo(f"reference step: {ref_timing.median:.2f} s (spread {ref_timing.spread()} s, {len(ref_timing.seconds)} "
              f"runs), peak memory {ref_memory:.0f} MB; ours: {timings['step'].median:.2f} s, peak memory {memory:.0f} MB")
     counter.handle.remove()
-    if s.output:
-        Path(s.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(s.output).write_text(json.dumps(results, indent=1))
+    s.save(results)
     if "speedup" in results:
         echo(f"step speedup vs reference: {results['speedup']:.1f}x, peak memory ratio: {results['memory_ratio']:.2f}")
     return results

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from gfnlm.config import setting
@@ -43,3 +45,9 @@ class BenchSettings:
         None, "Instead: our GFlowNet step against another library's step on the same model, precision, LoRA rank, "
               "queries x samples, generation length and task reward: trl-grpo (TRL's GRPOTrainer). Samples/s of "
               "each, median over `repeats` steps after `warmup`, and their ratio (ours / peer).")
+
+    def save(self, results: dict) -> None:
+        """Write a measurement's results to ``output`` as JSON, if one was given."""
+        if self.output:
+            Path(self.output).parent.mkdir(parents=True, exist_ok=True)
+            Path(self.output).write_text(json.dumps(results, indent=1))

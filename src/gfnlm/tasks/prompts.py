@@ -51,12 +51,18 @@ class PromptsOptions(TaskOptions):
 
     def validate(self) -> None:
         """The data and the reward function load, and the function scores the first prompt."""
+        self.load()
+
+    def load(self) -> tuple[list[Query], Callable]:
+        """The prompts and the reward function, checked (``validate``): the task's inputs, read once."""
         super().validate()
         if self.data is None or self.reward is None:
             raise ValueError("--task prompts needs --data FILE_OR_DATASET and --reward module:function")
         if self.eval_samples < 2:
             raise ValueError("eval_samples must be at least 2 (the diversity compares samples)")
-        check_reward(load_reward_function(self.reward), self.reward, load_prompts(self.data, self.split)[0])
+        queries, function = load_prompts(self.data, self.split), load_reward_function(self.reward)
+        check_reward(function, self.reward, queries[0])
+        return queries, function
 
 
 def load_reward_function(spec: str) -> Callable:
@@ -112,9 +118,7 @@ class PromptsTask(Task):
 
     def __init__(self, options: PromptsOptions, tokenizer):
         super().__init__(options, tokenizer)
-        options.validate()
-        self.queries = load_prompts(options.data, options.split)
-        self.function = load_reward_function(options.reward)
+        self.queries, self.function = options.load()
 
     def train_queries(self) -> list[Query]:
         return self.queries
