@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import torch
 
+from gfnlm.config import TrainConfig
 from gfnlm.models import load_model_and_tokenizer
 from gfnlm.rewards import lm_prefix_log_likelihoods, terminal_values
 from gfnlm.tasks.arithmetic import ArithmeticOptions, ArithmeticTask, Problem
@@ -41,7 +42,7 @@ def candidate_rationales(problem: Problem) -> dict[str, str]:
 def terminal_scores(task: ArithmeticTask, model, problems: list[Problem], rationales: list[str],
                     batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
     """log R and log p(X Z) (demonstrations in context) at each rationale's end: two [len(rationales)] tensors."""
-    reward, context = task.reward(model), task.reward_context(model)
+    reward, context = task.reward(task.policy(model, TrainConfig(device="cpu"))), task.reward_context(model)
     log_r, prior = [], []
     for start in range(0, len(rationales), batch_size):
         records = [task.rationale_record(replace(p, rationale=z))

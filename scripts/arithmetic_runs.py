@@ -33,7 +33,7 @@ from gfnlm.cli import RunSettings, write_json
 from gfnlm.config import ConfigError, TrainConfig, apply_settings, parse_key_values
 from gfnlm.models import DEFAULT_MODEL, load_adapter, load_model_and_tokenizer
 from gfnlm.tasks.arithmetic import ZERO_SHOT_CUE, ArithmeticOptions, ArithmeticTask, generate_problems, load_problems
-from gfnlm.policy import resolve_device
+from gfnlm.policy import Policy, resolve_device
 from gfnlm.runlog import logged_training_minutes, read_logged_metrics
 
 OPERANDS = (3, 4, 5)
@@ -61,18 +61,24 @@ def make_test_sets(out: Path, n: int) -> dict[int, Path]:
     return files
 
 
-def evaluate_all(model, tokenizer, run_dir: Path, files: dict[int, Path], options: dict, label: str,
-                 extra: dict) -> None:
+def evaluate_all(policy: Policy, run_dir: Path, files: dict[int, Path], options: dict, label: str, extra: dict) -> None:
+    """``policy`` on every test set: ``run_dir/eval-{K}ops/eval.json`` with the run's ``extra`` facts (the
+    results table reads ``operands``, ``method`` and the training budget from them)."""
     for k, path in files.items():
         out = run_dir / f"eval-{k}ops"
         if (out / "eval.json").is_file():
             continue
-        task = ArithmeticTask(ArithmeticOptions(**options, test_file=str(path)), tokenizer)
+        task = ArithmeticTask(ArithmeticOptions(**options, test_file=str(path)), policy.tokenizer)
         started = time.perf_counter()
-        result = task.evaluate(model, out, label)
+        result = task.evaluate(policy, out, label)
         result.update(extra, operands=k, eval_seconds=time.perf_counter() - started)
         write_json(out / "eval.json", result)
         logging.info("%s, %d operands: accuracy %.3f (%d questions)", label, k, result["accuracy"], result["n_questions"])
+
+
+def evaluation_policy(model, tokenizer, device: str) -> Policy:
+    """``model`` (an adapter on it or not) as the task's policy, with the default precision, on ``device``."""
+    return ArithmeticTask(ArithmeticOptions(), tokenizer).policy(model, TrainConfig(device=device))
 
 
 def run_name(args, method: str, seed: int) -> str:
@@ -104,12 +110,20 @@ def train_run(args, method: str, seed: int, files: dict[int, Path], seed_rationa
     run = RunSettings(args.model, "arithmetic", method, train, task.options, ppo)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(yaml.safe_dump(run.as_dict(), sort_keys=False))
-    trainer = task.trainer(method, model, train, ppo, run_dir)
+    trainer = task.trainer(method, task.policy(model, train), train, ppo, run_dir)
     trainer.train(resume=trainer.latest_checkpoint() is not None)
-    extra = {"method": method, "seed": seed, "seed_rationales": task.options.seed_rationales, "train_steps": trainer.step,
-             "train_minutes": logged_training_minutes(read_logged_metrics(run_dir)), "samples_per_step": train.queries_per_step * train.samples_per_query,
-             "settings": settings or {}}
-    evaluate_all(trainer.model, tokenizer, run_dir, files, options, method, extra)
+    facts = trained_run_facts(run_dir, method, seed, task.options.seed_rationales, trainer.step,
+                              train.queries_per_step * train.samples_per_query, settings or {})
+    evaluate_all(trainer.policy, run_dir, files, options, method, facts)
+
+
+def trained_run_facts(run_dir: Path, method: str, seed: int, seed_rationales: int, steps: int, samples_per_step: int,
+                      settings: dict[str, str]) -> dict:
+    """What the results table reads of a trained run beside its accuracy: the row's name (method, variant settings,
+    seed rationales) and its training budget (steps x samples / minutes, from its metrics log)."""
+    return {"method": method, "seed": seed, "seed_rationales": seed_rationales, "train_steps": steps,
+            "train_minutes": logged_training_minutes(read_logged_metrics(run_dir)), "samples_per_step": samples_per_step,
+            "settings": settings}
 
 
 def curve_runs(args, files: dict[int, Path], settings: dict[str, str]) -> None:
@@ -123,18 +137,19 @@ def curve_runs(args, files: dict[int, Path], settings: dict[str, str]) -> None:
             if all((out / f"eval-{k}ops" / "eval.json").is_file() for k in files):
                 continue
             model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device))
-            model = load_adapter(model, checkpoint)
+            policy = evaluation_policy(load_adapter(model, checkpoint), tokenizer, args.device)
             extra = {"method": "gfn", "seed": seed, "train_steps": step, "settings": settings}
-            evaluate_all(model, tokenizer, out, files, options, f"gfn step {step}", extra)
+            evaluate_all(policy, out, files, options, f"gfn step {step}", extra)
 
 
 def prompting_runs(args, files: dict[int, Path]) -> None:
     model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device))
+    policy = evaluation_policy(model, tokenizer, args.device)
     for k in args.shots:
         for seed in args.seeds if k > 0 else args.seeds[:1]:
             options = {"shots": k, "shot_seed": seed, "cue": "" if k else ZERO_SHOT_CUE,
                        "eval_batch_questions": args.eval_batch_questions}
-            evaluate_all(model, tokenizer, args.out / f"prompting-k{k}-seed{seed}", files, options,
+            evaluate_all(policy, args.out / f"prompting-k{k}-seed{seed}", files, options,
                          f"{k}-shot prompting", {"method": "prompting", "shots": k, "seed": seed})
 
 

@@ -13,6 +13,7 @@ import argparse
 
 import torch
 
+from gfnlm.config import TrainConfig
 from gfnlm.models import load_model_and_tokenizer
 from gfnlm.rewards import terminal_values
 from gfnlm.sampling import text_records
@@ -37,7 +38,7 @@ def main() -> None:
     args = parser.parse_args()
     model, tokenizer = load_model_and_tokenizer(args.model, device="cpu")
     task = SubjectivityTask(SubjectivityOptions(train_size=args.train_size), tokenizer)
-    reward = task.reward(model)
+    reward = task.reward(task.policy(model, TrainConfig(device="cpu")))
     print("label        " + "  ".join(f"{z:>16}" for z in CANDIDATES) + "   (log R, true - other label)")
     for review in task.train:
         query = task.query(review)
