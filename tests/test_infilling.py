@@ -34,15 +34,23 @@ def _write_csv(path: Path, rows: list[list[str]], fields: list[str] = FIELDS) ->
     return path
 
 
+def write_stories(path: Path) -> Path:
+    return _write_csv(path, _stories(9))  # 2 validate, 3 train, 4 more for the story LM
+
+
 @pytest.fixture
 def stories_file(tmp_path) -> Path:
-    return _write_csv(tmp_path / "stories.csv", _stories(9))  # 2 validate, 3 train, 4 more for the story LM
+    return write_stories(tmp_path / "stories.csv")
+
+
+def story_tokenizer():
+    """Letters, and words with their leading space as one token each (as BPE vocabularies have them)."""
+    return make_char_tokenizer("ab .", merged=(" aab", " bab", " abb", " ab", " ba", " a"))
 
 
 @pytest.fixture
 def tokenizer():
-    """Letters, and words with their leading space as one token each (as BPE vocabularies have them)."""
-    return make_char_tokenizer("ab .", merged=(" aab", " bab", " abb", " ab", " ba", " a"))
+    return story_tokenizer()
 
 
 def _task(tokenizer, stories_file, **options) -> InfillingTask:

@@ -36,16 +36,19 @@ def _lm(seed: int = 0):
     return make_tiny_lm(seed=seed, vocab_size=len(_tokenizer()))
 
 
-@pytest.fixture
-def data_dir(tmp_path):
+def write_reviews(folder):
     """A pool of 40 reviews; the 10-example training subset is its first 10."""
-    folder = tmp_path / "subj"
     folder.mkdir()
     rows = [{"text": f"review {'so ' * (i % 3)}{string.ascii_lowercase[i % 26]}{string.ascii_lowercase[i // 26]}",
              "label": i % 2, "label_text": ("objective", "subjective")[i % 2]} for i in range(40)]
     (folder / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     (folder / "train.10.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:10]))
     return folder
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    return write_reviews(tmp_path / "subj")
 
 
 def policy_of(task, model):

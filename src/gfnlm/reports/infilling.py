@@ -50,9 +50,15 @@ def samples_table(runs: list[Path]) -> str:
     """Paper Table C.7: for three validation stories, the reference and three infills of each evaluation."""
     rows = []
     for index in EXAMPLE_STORIES:
-        for n, run in enumerate(runs):
-            entry = json.loads((run / "samples.jsonl").read_text().splitlines()[index])
-            if n == 0:
-                rows.append([f"{entry['beginning']} [...] {entry['ending']}", "reference", entry["reference"]])
-            rows.append(["", read_eval(run)["label"], " / ".join(entry["infills"][:3])])
+        entries = [(run, entry) for run in runs if (entry := story_samples(run, index)) is not None]
+        if entries:
+            story = entries[0][1]
+            rows.append([f"{story['beginning']} [...] {story['ending']}", "reference", story["reference"]])
+            rows += [["", read_eval(run)["label"], " / ".join(entry["infills"][:3])] for run, entry in entries]
     return markdown_table(["story (beginning [...] end)", "method", "fourth sentence"], rows)
+
+
+def story_samples(run: Path, index: int) -> dict | None:
+    """The infills of validation story ``index`` in a run's samples.jsonl; None if it evaluated fewer stories."""
+    lines = (run / "samples.jsonl").read_text().splitlines()
+    return json.loads(lines[index]) if index < len(lines) else None
