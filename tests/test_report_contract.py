@@ -50,10 +50,13 @@ def continuation_runs(root: Path) -> TablePaths:
     common = ["--task", "continuation", "--model", str(save_tiny_model(root / "tiny", make_char_tokenizer("ab ."))),
               "--prompts_file", str(root / "prompts.txt"), "--prompts_used", "5", "--train_prompts", "3",
               "--max_len", "4", "--eval_samples", "3", "--encoder", ENCODER]
-    train("--method", "gfn", "--steps", "1", "--queries_per_step", "2", "--samples_per_query", "2",
-          "--output-dir", str(root / "gfn-T0.875"), *common)
+    for method, run in (("gfn", "gfn-T0.875"), ("grpo", "grpo")):
+        train("--method", method, "--steps", "1", "--queries_per_step", "2", "--samples_per_query", "2",
+              "--output-dir", str(root / run), *common)
     assert main(["eval", "--method", "beam", "--output-dir", str(root / "eval-beam"), *common, "--device", "cpu"]) == 0
-    runs = [root / "gfn-T0.875", root / "eval-beam"]
+    runs = [root / "gfn-T0.875", root / "grpo", root / "eval-beam"]
+    assert [json.loads((run / "eval.json").read_text())["label"] for run in runs] == [
+        "GFlowNet T=0.875", "GRPO (TRL)", "beam"]
     return {"": runs, "samples": runs}
 
 
@@ -66,11 +69,14 @@ def infilling_runs(root: Path) -> TablePaths:
     train("--method", "story-lm", "--steps", "1", "--queries_per_step", "2", "--output-dir", str(root / "story-lm"),
           *common)
     common += ["--story_lm", str(root / "story-lm")]
-    train("--method", "gfn", "--steps", "1", "--queries_per_step", "2", "--samples_per_query", "2",
-          "--output-dir", str(root / "gfn-seed0"), *common)
+    for method in ("gfn", "grpo"):
+        train("--method", method, "--steps", "1", "--queries_per_step", "2", "--samples_per_query", "2",
+              "--output-dir", str(root / f"{method}-seed0"), *common)
     assert main(["eval", "--method", "prompting", "--output-dir", str(root / "prompting"), *common,
                  "--device", "cpu"]) == 0
-    runs = [root / "prompting", root / "gfn-seed0"]
+    runs = [root / "prompting", root / "gfn-seed0", root / "grpo-seed0"]
+    assert [json.loads((run / "eval.json").read_text())["label"] for run in runs] == [
+        "prompting", "GFlowNet fine-tuning", "GRPO (TRL)"]
     return {"": runs, "samples": runs}
 
 

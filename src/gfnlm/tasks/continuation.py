@@ -163,6 +163,8 @@ class ContinuationTask(Task):
     def eval_label(self, method: str, adapter: str | None) -> str:
         if method == "gfn":
             return f"GFlowNet T={self.options.reward_temp:g}" if adapter else "sample"
+        if method == "grpo" and adapter:
+            return "GRPO (TRL)"
         return self.decoding_rule().label
 
     def test_prompts(self) -> list[str]:

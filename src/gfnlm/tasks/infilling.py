@@ -282,8 +282,8 @@ class InfillingTask(Task):
 
     # ----------------------------------------------------------------- evaluation
     def eval_label(self, method: str, adapter: str | None) -> str:
-        names = {"gfn": "GFlowNet fine-tuning", "sft": "supervised fine-tuning", "story-lm": "story LM (prompting)",
-                 "prompting": "prompting", "left-to-right": "left-to-right"}
+        names = {"gfn": "GFlowNet fine-tuning", "sft": "supervised fine-tuning", "grpo": "GRPO (TRL)",
+                 "story-lm": "story LM (prompting)", "prompting": "prompting", "left-to-right": "left-to-right"}
         return names[method] if adapter or method in self.eval_methods else "base model (prompting)"
 
     def evaluate(self, policy: Policy, output_dir: Path | None = None, label: str = "model") -> dict:
