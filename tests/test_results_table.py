@@ -206,3 +206,24 @@ def test_a_pipe_inside_a_cell_survives_the_round_trip(tmp_path):
     _page_with_table(tmp_path / "p.md", "s", ["reward", "value"], [["p(Z | X)", "1"]])
     assert "p(Z \\| X)" in (tmp_path / "p.md").read_text()
     assert report.read_section_table(tmp_path / "p.md", "s") == [{"reward": "p(Z | X)", "value": "1"}]
+
+
+def test_infilling_table_averages_a_methods_seeds_and_keeps_one_runs_draws(tmp_path):
+    from gfnlm.reports.infilling import metrics_table
+
+    def infilling_eval(folder: Path, label: str, bertscore: float, draws_std: float) -> Path:
+        metrics = {key: bertscore for key in ("bertscore", "bleu4", "gleu4", "sacrebleu", "log_p_ending")}
+        write_eval(folder, label=label, **metrics, **{f"{key}_std": draws_std for key in metrics}, distinct=9.0,
+                   eval_samples=10, mean_words=8.0, n_stories=50)
+        return folder
+
+    runs = [infilling_eval(tmp_path / "gfn-seed0", "GFlowNet fine-tuning", 0.10, 0.5),
+            infilling_eval(tmp_path / "prompting", "prompting", 0.05, 0.25),
+            infilling_eval(tmp_path / "gfn-seed1", "GFlowNet fine-tuning", 0.14, 0.5)]
+
+    table = rows(metrics_table(runs))
+
+    assert list(table) == ["GFlowNet fine-tuning", "prompting"]  # one row per method, in order of appearance
+    assert table["GFlowNet fine-tuning"][0] == "0.120 ± 0.028"  # mean and std over the two seeds, not the draws
+    assert table["GFlowNet fine-tuning"][-2:] == ["2", "-"]  # seeds; no metrics.jsonl: no training budget
+    assert table["prompting"][0] == "0.050 ± 0.250" and table["prompting"][-2] == "1"  # one run: its draws' std

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
 from gfnlm.reports.base import TaskReport
@@ -27,23 +28,36 @@ class InfillingReport(TaskReport):
     @classmethod
     def results_tables(cls) -> dict[str, ResultsTable]:
         return {
-            "": ResultsTable(metrics_table,
-                             "Table 2: one row per evaluation folder"),
+            "": ResultsTable(metrics_table, "Table 2: one row per method (its seeds' runs averaged)"),
             "samples": ResultsTable(samples_table, "Table C.7: three validation stories, each evaluation's infills"),
         }
 
 
 def metrics_table(runs: list[Path]) -> str:
-    """Table 2: one row per evaluation folder (a training run's, or a baseline's)."""
-    def cell(r: dict, key: str, digits: int) -> str:
-        return f"{r[key]:.{digits}f} ± {r[key + '_std']:.{digits}f}"
-
+    """Table 2: one row per method (evaluations with one label: a trained method's seeds, or a baseline). Each
+    cell is "mean ± std": over the seeds' means where a method has several runs, else over the run's draws."""
     header = ["method", "BERTScore", "BLEU-4", "GLEU-4", "sacreBLEU", "log p(Y | X Z)", "distinct of K", "words",
-              "stories", "training"]
-    rows = [[r["label"], cell(r, "bertscore", 3), cell(r, "bleu4", 2), cell(r, "gleu4", 2), cell(r, "sacrebleu", 2),
-             cell(r, "log_p_ending", 2), f"{r['distinct']:.1f} / {r['eval_samples']}", f"{r['mean_words']:.1f}",
-             str(r["n_stories"]), training_budget(run)] for run, r in ((run, read_eval(run)) for run in runs)]
-    return markdown_table(header, rows)
+              "stories", "seeds", "training"]
+    by_label: dict[str, list[Path]] = {}
+    for run in runs:
+        by_label.setdefault(read_eval(run)["label"], []).append(run)
+    return markdown_table(header, [method_row(label, members) for label, members in by_label.items()])
+
+
+def method_row(label: str, runs: list[Path]) -> list[str]:
+    """One method's row of Table 2 from its runs (see ``metrics_table``)."""
+    results = [read_eval(run) for run in runs]
+
+    def cell(key: str, digits: int) -> str:
+        values = [r[key] for r in results]
+        spread = statistics.stdev(values) if len(values) > 1 else results[0][key + "_std"]
+        return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+
+    first = results[0]
+    budgets = "; ".join(dict.fromkeys(training_budget(run) for run in runs))  # one entry per distinct budget
+    return [label, cell("bertscore", 3), cell("bleu4", 2), cell("gleu4", 2), cell("sacrebleu", 2),
+            cell("log_p_ending", 2), f"{statistics.mean(r['distinct'] for r in results):.1f} / {first['eval_samples']}",
+            f"{statistics.mean(r['mean_words'] for r in results):.1f}", str(first["n_stories"]), str(len(runs)), budgets]
 
 
 def samples_table(runs: list[Path]) -> str:
