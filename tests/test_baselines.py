@@ -1,10 +1,11 @@
 """SFT and PPO share the engine; each one moves the policy the way its objective says."""
 
+import pytest
 import torch
 from conftest import make_policy, make_tiny_lm
 
 from gfnlm.baselines.ppo import PPOConfig, PPOTrainer, episode_log_probs, generalised_advantages
-from gfnlm.baselines.sft import SFTTrainer
+from gfnlm.baselines.sft import EpochDraws, SFTTrainer
 from gfnlm.config import TrainConfig
 from gfnlm.rewards import TextReward
 from gfnlm.scoring import score_policy, terminal_log_prob
@@ -64,3 +65,16 @@ def test_gae_with_lambda_one_is_return_minus_value():
     valid = torch.tensor([[True, True, False]])
     adv = generalised_advantages(rewards, values, valid, lam=1.0)
     assert torch.allclose(adv, torch.tensor([[1.0 - 0.5, 1.0 - 0.25, 0.0]]))
+
+
+def test_epoch_draws_visit_every_record_once_a_pass_in_a_new_order():
+    records = [TrajectoryRecord(Query(str(i)), [1], [3], [True]) for i in range(10)]
+    draw, generator = EpochDraws(records), torch.Generator().manual_seed(0)
+    first_pass = draw(4, generator) + draw(6, generator)
+    second_pass = draw(10, generator)
+    assert sorted(r.query.prompt for r in first_pass) == sorted(str(i) for i in range(10))
+    assert sorted(r.query.prompt for r in second_pass) == sorted(str(i) for i in range(10))
+    assert [r.query.prompt for r in first_pass] != [r.query.prompt for r in second_pass]  # a new order each pass
+    assert len(draw(25, generator)) == 25  # across passes
+    with pytest.raises(ValueError, match="no records"):
+        EpochDraws([])

@@ -21,6 +21,27 @@ DrawExamples = Callable[[int, torch.Generator], Sequence[TrajectoryRecord]]
 """``draw(n, generator)`` -> n target trajectories (e.g. samples from the target distribution)."""
 
 
+class EpochDraws:
+    """A ``DrawExamples`` over a fixed dataset in epochs: each pass visits every record once, in an order drawn
+    from the generator, so that ``k * len(records)`` draws are k epochs (uniform draws would miss about a third of
+    the records in one epoch's worth). A resumed run starts a fresh pass."""
+
+    def __init__(self, records: Sequence[TrajectoryRecord]):
+        if not records:
+            raise ValueError("no records to fine-tune on")
+        self.records, self.pass_left = list(records), []
+
+    def __call__(self, n: int, generator: torch.Generator) -> list[TrajectoryRecord]:
+        picks: list[int] = []
+        while len(picks) < n:
+            if not self.pass_left:
+                self.pass_left = torch.randperm(len(self.records), generator=generator).tolist()
+            take = min(n - len(picks), len(self.pass_left))
+            picks += self.pass_left[:take]
+            del self.pass_left[:take]
+        return [self.records[i] for i in picks]
+
+
 class SFTTrainer(Trainer):
     name = "sft"
 

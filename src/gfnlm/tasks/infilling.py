@@ -55,6 +55,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from gfnlm.baselines.sft import EpochDraws, SFTTrainer
 from gfnlm.config import ConfigError, TrainConfig, setting
 from gfnlm.data import read_rows, row_name
 from gfnlm.metrics import BertScore, bleu4, gleu4, sacrebleu4
@@ -201,7 +202,7 @@ class InfillingTask(Task):
             raise ValueError(f"{o.stories_file} has {len(stories)} stories: too few for {o.validation_stories} to validate "
                              f"and {o.train_stories} to train")
         self.stop_ids, self.allowed_ids = allowed_tokens(tokenizer)
-        self._sft_records: list[TrajectoryRecord] | None = None  # built once: SFT draws from them every step
+        self._sft_draws: EpochDraws | None = None  # built once: SFT draws from it every step
 
     @classmethod
     def method_settings(cls, method: str, settings: dict) -> dict:
@@ -259,26 +260,19 @@ class InfillingTask(Task):
         return self.reference_records(self.train)
 
     def sft_examples(self, n: int, generator: torch.Generator) -> list[TrajectoryRecord]:
-        """SFT: (prompt, true fourth sentence) of the training stories, drawn uniformly."""
-        if self._sft_records is None:
-            self._sft_records = self.reference_records(self.train)
-        picks = torch.randint(len(self._sft_records), (n,), generator=generator).tolist()
-        return [self._sft_records[i] for i in picks]
+        """SFT: (prompt, true fourth sentence) of the training stories, in epochs (Table C.2 counts SFT in epochs)."""
+        if self._sft_draws is None:
+            self._sft_draws = EpochDraws(self.reference_records(self.train))
+        return self._sft_draws(n, generator)
 
     def trainer(self, method: str, policy: Policy, config: TrainConfig, ppo, output_dir: Path | None) -> Trainer:
         """``story-lm``: LoRA SFT of the model on whole stories of the reward and training splits."""
         if method != "story-lm":
             return super().trainer(method, policy, config, ppo, output_dir)
-        from gfnlm.baselines.sft import SFTTrainer
-
         if self.options.story_lm is not None:
             raise ConfigError("--method story-lm trains the story LM: drop story_lm")
         records, space = self.story_records(self.story_lm_stories + self.train)
-
-        def draw(n: int, generator: torch.Generator) -> list[TrajectoryRecord]:
-            return [records[i] for i in torch.randint(len(records), (n,), generator=generator).tolist()]
-
-        return SFTTrainer(policy.with_space(space), draw, config, output_dir)
+        return SFTTrainer(policy.with_space(space), EpochDraws(records), config, output_dir)
 
     # ----------------------------------------------------------------- evaluation
     def eval_label(self, method: str, adapter: str | None) -> str:
