@@ -1,9 +1,10 @@
 """The sentence-continuation comparison (paper §4.1, Fig. 3, Table B.1) on one model.
 
-Trains, through the command line, one GFlowNet per reward temperature (each within a time budget,
-resumable), evaluates each on the held-out prompts, and evaluates every decoding baseline of the
-base model the same way (N continuations of each prompt, the same metrics). It writes
+Trains, through the command line, one GFlowNet per reward temperature and TRL's GRPO (each within a
+time budget, resumable), evaluates each on the held-out prompts, and evaluates every decoding
+baseline of the base model the same way (N continuations of each prompt, the same metrics). It writes
     OUT/gfn-T{T}/           GFlowNet runs (config.yaml, metrics.jsonl, checkpoints/, eval.json, samples.jsonl)
+    OUT/grpo/               GRPO (TRL's trainer) on the base model's log p(Z . | X), for the GFlowNet's time
     OUT/eval-{rule}/        the baselines: greedy, beam, beam x5, diverse-beam, diverse-beam x5, nucleus,
                             top-k, sample (T = 1), tempered at each T
 Rerunning skips finished evaluations and resumes unfinished training. Then
@@ -27,6 +28,10 @@ GFN = ["--steps", "10000", "--queries_per_step", "4", "--samples_per_query", "8"
 """The release's settings (the task's defaults) on a CPU budget: 4 prompts x 8 samples a step instead
 of 32 x 8, a learning rate 5x the release's for the few steps, the reward temperature annealed over
 30 steps instead of 750."""
+GRPO = ["--steps", "10000", "--queries_per_step", "4", "--samples_per_query", "8", "--lr", "1e-4",
+        "--warmup_steps", "10", "--save_every", "10"]
+"""TRL's GRPO with the GFlowNet's prompts x samples a step and time budget, lr 1e-4 (as on random numbers and
+infilling). Its reward is the sentence's log-likelihood: GRPO normalises rewards per group, so no temperature."""
 
 BASELINES: dict[str, list[str]] = {
     "greedy": ["--method", "greedy"],
@@ -48,8 +53,8 @@ def main() -> None:
     parser.add_argument("--temps", nargs="*", default=["0.8", "0.875", "0.95"], help="final reward temperatures T")
     parser.add_argument("--minutes", type=float, default=60, help="training time of each GFlowNet")
     parser.add_argument("--eval-prompts", type=int, default=None, help="first N held-out prompts (default: all 50)")
-    parser.add_argument("--part", choices=["gfn", "baselines", "all"], default="all",
-                        help="run only the GFlowNets or only the baselines (two processes side by side)")
+    parser.add_argument("--part", choices=["gfn", "grpo", "baselines", "all"], default="all",
+                        help="run only the GFlowNets, GRPO or the baselines (two processes side by side)")
     parser.add_argument("--gfn-settings", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more GFlowNet settings, e.g. lr=1e-4 queries_per_step=8")
     parser.add_argument("--encoder", default=None, help="sentence encoder of the diversity (default: the task's)")
@@ -64,6 +69,9 @@ def main() -> None:
     if args.part in ("gfn", "all"):
         for temp in args.temps:
             run_command(["train", "--method", "gfn", "--reward_temp", temp, *common, *gfn], args.out / f"gfn-T{temp}")
+    if args.part in ("grpo", "all"):
+        run_command(["train", "--method", "grpo", *common, *GRPO, "--time_limit_minutes", str(args.minutes)],
+                    args.out / "grpo")
     if args.part in ("baselines", "all"):
         for name, flags in BASELINES.items():
             run_command(["eval", *flags, *common], args.out / f"eval-{name}")

@@ -1,10 +1,10 @@
 """The story-infilling comparison (paper §4.2, Table 2, Table C.7) on one model.
 
-Fine-tunes the story LM, then (each through the command line, within a time budget, resumable)
-SFT and the GFlowNet on top of it, and evaluates them, prompting and left-to-right sampling of the
-story LM the same way on the validation stories. It writes
+Fine-tunes the story LM, then (each through the command line, resumable) SFT for a number of epochs,
+the GFlowNet and TRL's GRPO each within a time budget on top of it, and evaluates them, prompting and
+left-to-right sampling of the story LM the same way on the validation stories. It writes
     OUT/story-lm/                  the story LM (LoRA on the reward and training splits; eval.json: its infills)
-    OUT/{sft,gfn}-seed{S}/         the trained infillers (config.yaml, metrics.jsonl, checkpoints/, eval.json,
+    OUT/{sft,gfn,grpo}-seed{S}/    the trained infillers (config.yaml, metrics.jsonl, checkpoints/, eval.json,
                                    samples.jsonl)
     OUT/{prompting,left-to-right}/ the baselines' eval.json and samples.jsonl
 Rerunning skips finished evaluations and resumes unfinished training. Then
@@ -18,18 +18,25 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 from pathlib import Path
 
 from run_folders import run_command, settings_flags  # scripts/run_folders.py
 
 STORY_LM = ["--queries_per_step", "16", "--lr", "5e-4", "--save_every", "10"]
 """16 whole stories a step (of the 1771 of the reward and training splits), for --story-lm-steps steps."""
-SFT = ["--steps", "10000", "--queries_per_step", "16", "--save_every", "50"]
-"""Table C.2's SFT (lr 1e-4, LoRA) for as long as the time budget allows (the paper: 10 epochs of 900)."""
+TRAINING_STORIES = 900
+SFT = ["--queries_per_step", "16", "--save_every", "10"]
+"""Table C.2's SFT (lr 1e-4, LoRA), 16 pairs a step, for --sft-epochs passes over the 900 training stories
+(the paper: 10)."""
 GFN = ["--steps", "10000", "--queries_per_step", "4", "--samples_per_query", "8", "--lr", "5e-4",
        "--warmup_steps", "10", "--reward_temp_horizon", "30", "--save_every", "10"]
 """Table C.2 (the task's defaults) on a CPU budget: 4 stories x 8 samples a step instead of 16 x 64, a
 learning rate 5x the paper's for the few steps, the reward temperature annealed over 30 steps, not 100."""
+GRPO = ["--steps", "10000", "--queries_per_step", "4", "--samples_per_query", "8", "--lr", "1e-4",
+        "--warmup_steps", "10", "--save_every", "10"]
+"""TRL's GRPO with the GFlowNet's stories x samples a step and its time budget; lr 1e-4, as on random numbers
+(5e-4 is the GFlowNet's, whose loss is scaled by its reward, not normalised per group)."""
 
 
 def main() -> None:
@@ -40,9 +47,11 @@ def main() -> None:
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
     parser.add_argument("--minutes", type=float, default=60, help="training time of each GFlowNet")
     parser.add_argument("--story-lm-steps", type=int, default=120, help="steps of the story LM (120: about one pass)")
-    parser.add_argument("--sft-minutes", type=float, default=20, help="training time of each SFT run")
+    parser.add_argument("--sft-epochs", type=float, default=1, help="passes of SFT over the 900 training stories")
+    parser.add_argument("--grpo-minutes", type=float, default=None, help="training time of each GRPO run "
+                        "(default: --minutes, the GFlowNet's)")
     parser.add_argument("--eval-stories", type=int, default=None, help="first N validation stories (default: all 100)")
-    parser.add_argument("--methods", nargs="*", default=["prompting", "left-to-right", "sft", "gfn"])
+    parser.add_argument("--methods", nargs="*", default=["prompting", "left-to-right", "sft", "gfn", "grpo"])
     parser.add_argument("--gfn-settings", nargs="*", default=[], metavar="KEY=VALUE", help="more GFlowNet settings")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -57,12 +66,16 @@ def main() -> None:
         if method in args.methods:
             run_command(["eval", "--method", method, *with_lm], args.out / method)
     gfn = [*GFN, "--time_limit_minutes", str(args.minutes), *settings_flags(parser, "--gfn-settings", args.gfn_settings)]
+    sft_steps = math.ceil(args.sft_epochs * TRAINING_STORIES / 16)
+    grpo = [*GRPO, "--time_limit_minutes", str(args.grpo_minutes if args.grpo_minutes is not None else args.minutes)]
     for seed in args.seeds:
-        if "sft" in args.methods:
-            run_command(["train", "--method", "sft", "--seed", str(seed), "--time_limit_minutes", str(args.sft_minutes),
-                         *with_lm, *SFT], args.out / f"sft-seed{seed}")
         if "gfn" in args.methods:
             run_command(["train", "--method", "gfn", "--seed", str(seed), *with_lm, *gfn], args.out / f"gfn-seed{seed}")
+        if "grpo" in args.methods:
+            run_command(["train", "--method", "grpo", "--seed", str(seed), *with_lm, *grpo], args.out / f"grpo-seed{seed}")
+        if "sft" in args.methods:
+            run_command(["train", "--method", "sft", "--seed", str(seed), "--steps", str(sft_steps), *with_lm, *SFT],
+                        args.out / f"sft-seed{seed}")
 
 
 if __name__ == "__main__":
