@@ -76,9 +76,9 @@ def evaluate_all(policy: Policy, run_dir: Path, files: dict[int, Path], options:
         logging.info("%s, %d operands: accuracy %.3f (%d questions)", label, k, result["accuracy"], result["n_questions"])
 
 
-def evaluation_policy(model, tokenizer, device: str) -> Policy:
-    """``model`` (an adapter on it or not) as the task's policy, with the default precision, on ``device``."""
-    return ArithmeticTask(ArithmeticOptions(), tokenizer).policy(model, TrainConfig(device=device))
+def evaluation_policy(model, tokenizer, device: str, options: dict) -> Policy:
+    """``model`` (an adapter on it or not) as the task's policy with ``options``, the default precision, on ``device``."""
+    return ArithmeticTask(ArithmeticOptions(**options), tokenizer).policy(model, TrainConfig(device=device))
 
 
 def run_name(args, method: str, seed: int) -> str:
@@ -137,14 +137,14 @@ def curve_runs(args, files: dict[int, Path], settings: dict[str, str]) -> None:
             if all((out / f"eval-{k}ops" / "eval.json").is_file() for k in files):
                 continue
             model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device))
-            policy = evaluation_policy(load_adapter(model, checkpoint), tokenizer, args.device)
+            policy = evaluation_policy(load_adapter(model, checkpoint), tokenizer, args.device, options)
             extra = {"method": "gfn", "seed": seed, "train_steps": step, "settings": settings}
             evaluate_all(policy, out, files, options, f"gfn step {step}", extra)
 
 
 def prompting_runs(args, files: dict[int, Path]) -> None:
     model, tokenizer = load_model_and_tokenizer(args.model, device=resolve_device(args.device))
-    policy = evaluation_policy(model, tokenizer, args.device)
+    policy = evaluation_policy(model, tokenizer, args.device, {})
     for k in args.shots:
         for seed in args.seeds if k > 0 else args.seeds[:1]:
             options = {"shots": k, "shot_seed": seed, "cue": "" if k else ZERO_SHOT_CUE,

@@ -51,7 +51,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the embedded model")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--temps", nargs="*", default=["0.8", "0.875", "0.95"], help="final reward temperatures T")
-    parser.add_argument("--minutes", type=float, default=60, help="training time of each GFlowNet")
+    parser.add_argument("--minutes", type=float, default=60, help="training time of each GFlowNet and of GRPO")
     parser.add_argument("--eval-prompts", type=int, default=None, help="first N held-out prompts (default: all 50)")
     parser.add_argument("--part", choices=["gfn", "grpo", "baselines", "all"], default="all",
                         help="run only the GFlowNets, GRPO or the baselines (two processes side by side)")

@@ -23,12 +23,13 @@ from pathlib import Path
 
 from run_folders import run_command, settings_flags  # scripts/run_folders.py
 
+from gfnlm.tasks.infilling import InfillingOptions
+
 STORY_LM = ["--queries_per_step", "16", "--lr", "5e-4", "--save_every", "10"]
 """16 whole stories a step (of the 1771 of the reward and training splits), for --story-lm-steps steps."""
-TRAINING_STORIES = 900
-SFT = ["--queries_per_step", "16", "--save_every", "10"]
-"""Table C.2's SFT (lr 1e-4, LoRA), 16 pairs a step, for --sft-epochs passes over the 900 training stories
-(the paper: 10)."""
+SFT_BATCH = 16
+SFT = ["--queries_per_step", str(SFT_BATCH), "--save_every", "10"]
+"""Table C.2's SFT (lr 1e-4, LoRA), 16 pairs a step, for --sft-epochs passes over the training stories (the paper: 10)."""
 GFN = ["--steps", "10000", "--queries_per_step", "4", "--samples_per_query", "8", "--lr", "5e-4",
        "--warmup_steps", "10", "--reward_temp_horizon", "30", "--save_every", "10"]
 """Table C.2 (the task's defaults) on a CPU budget: 4 stories x 8 samples a step instead of 16 x 64, a
@@ -45,7 +46,7 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="default: the embedded model")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--seeds", nargs="*", type=int, default=[0])
-    parser.add_argument("--minutes", type=float, default=60, help="training time of each GFlowNet")
+    parser.add_argument("--minutes", type=float, default=60, help="training time of each GFlowNet (and, by default, GRPO run); 0: no limit")
     parser.add_argument("--story-lm-steps", type=int, default=120, help="steps of the story LM (120: about one pass)")
     parser.add_argument("--sft-epochs", type=float, default=1, help="passes of SFT over the 900 training stories")
     parser.add_argument("--grpo-minutes", type=float, default=None, help="training time of each GRPO run "
@@ -66,7 +67,7 @@ def main() -> None:
         if method in args.methods:
             run_command(["eval", "--method", method, *with_lm], args.out / method)
     gfn = [*GFN, "--time_limit_minutes", str(args.minutes), *settings_flags(parser, "--gfn-settings", args.gfn_settings)]
-    sft_steps = math.ceil(args.sft_epochs * TRAINING_STORIES / 16)
+    sft_steps = math.ceil(args.sft_epochs * InfillingOptions.train_stories / SFT_BATCH)
     grpo = [*GRPO, "--time_limit_minutes", str(args.grpo_minutes if args.grpo_minutes is not None else args.minutes)]
     for seed in args.seeds:
         if "gfn" in args.methods:

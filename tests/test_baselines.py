@@ -8,6 +8,7 @@ from gfnlm.baselines.ppo import PPOConfig, PPOTrainer, episode_log_probs, genera
 from gfnlm.baselines.sft import EpochDraws, SFTTrainer
 from gfnlm.config import TrainConfig
 from gfnlm.rewards import TextReward
+from gfnlm.runlog import read_logged_metrics
 from gfnlm.scoring import score_policy, terminal_log_prob
 from gfnlm.trajectories import ActionSpace, Query, TrajectoryRecord, Trajectories
 
@@ -78,3 +79,19 @@ def test_epoch_draws_visit_every_record_once_a_pass_in_a_new_order():
     assert len(draw(25, generator)) == 25  # across passes
     with pytest.raises(ValueError, match="no records"):
         EpochDraws([])
+
+
+def test_sft_in_epochs_resumes_mid_pass_as_if_never_stopped(tokenizer, tmp_path):
+    """A run killed in the middle of a pass draws, once resumed, the rest of that pass (its state is checkpointed)."""
+    records = [TrajectoryRecord(QUERY, [1, 10], [a, b], [True, True]) for a in (3, 4, 5) for b in (3, 4)]  # 6
+
+    def sft(out, steps):
+        settings = config(steps=steps, samples_per_query=4, lora_rank=2, save_every=1, lr=1e-3)
+        return SFTTrainer(make_policy(make_tiny_lm(), tokenizer, SPACE), EpochDraws(records), settings, out)
+
+    sft(tmp_path / "whole", 5).train()
+    sft(tmp_path / "part", 2).train()  # 8 draws: stopped 2 records into the second pass
+    resumed = sft(tmp_path / "part", 5)
+    resumed.train(resume=True)
+    losses = lambda run: [row["loss"] for row in read_logged_metrics(run)]  # noqa: E731
+    assert resumed.step == 5 and losses(tmp_path / "part") == losses(tmp_path / "whole")

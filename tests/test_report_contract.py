@@ -22,10 +22,8 @@ from test_continuation import PROMPTS
 from test_cli import TINY_RUN
 
 from gfnlm.cli import main
-from gfnlm.config import TrainConfig
 from gfnlm.models import load_adapter, load_model_and_tokenizer
 from gfnlm.reports import REPORTS
-from gfnlm.tasks.arithmetic import ArithmeticOptions, ArithmeticTask
 
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 ENCODER = "all-MiniLM-L6-v2"
@@ -39,13 +37,13 @@ def train(*argv: str) -> None:
     assert main(["train", *argv, *QUIET]) == 0
 
 
-def random_number_run(root: Path) -> TablePaths:
+def random_number_run(root: Path, monkeypatch) -> TablePaths:
     model = save_tiny_model(root / "tiny", make_char_tokenizer())
     train("--model", str(model), "--output-dir", str(root / "gfn"), *TINY_RUN)
     return {"": [root / "gfn"]}
 
 
-def continuation_runs(root: Path) -> TablePaths:
+def continuation_runs(root: Path, monkeypatch) -> TablePaths:
     (root / "prompts.txt").write_text("".join(p + "\n" for p in PROMPTS))
     common = ["--task", "continuation", "--model", str(save_tiny_model(root / "tiny", make_char_tokenizer("ab ."))),
               "--prompts_file", str(root / "prompts.txt"), "--prompts_used", "5", "--train_prompts", "3",
@@ -60,7 +58,7 @@ def continuation_runs(root: Path) -> TablePaths:
     return {"": runs, "samples": runs}
 
 
-def infilling_runs(root: Path) -> TablePaths:
+def infilling_runs(root: Path, monkeypatch) -> TablePaths:
     stories = test_infilling.write_stories(root / "stories.csv")
     common = ["--task", "infilling", "--model", str(save_tiny_model(root / "tiny", test_infilling.story_tokenizer())),
               "--stories_file", str(stories), "--validation_stories", "2", "--train_stories", "3", "--min_len", "1",
@@ -80,7 +78,7 @@ def infilling_runs(root: Path) -> TablePaths:
     return {"": runs, "samples": runs}
 
 
-def subjectivity_runs(root: Path) -> TablePaths:
+def subjectivity_runs(root: Path, monkeypatch) -> TablePaths:
     """One GFlowNet run where ``scripts/subjectivity_runs.py`` puts it: OUT/n{training size}/gfn-seed{S}."""
     data = test_subjectivity.write_reviews(root / "subj")
     model = save_tiny_model(root / "tiny", make_char_tokenizer(chars=test_subjectivity.CHARS))
@@ -91,7 +89,7 @@ def subjectivity_runs(root: Path) -> TablePaths:
     return {"": [root / "out"], "auc": [root / "out"], "log-odds": [run]}
 
 
-def arithmetic_runs(root: Path) -> TablePaths:
+def arithmetic_runs(root: Path, monkeypatch) -> TablePaths:
     """A GFlowNet run trained from the command line, evaluated by ``scripts/arithmetic_runs.py``'s own functions into
     its layout: OUT/gfn-seed0/eval-3ops (Table 4) and OUT/gfn-seed0/curve/step-1/eval-3ops (the learning curve)."""
     runs_script = _script_module("arithmetic_runs")
@@ -107,8 +105,8 @@ def arithmetic_runs(root: Path) -> TablePaths:
           "--reward-shots", "2", "--max-len", "24", "--min-len", "2", "--eval-samples", "2", "--eval-max-len", "6",
           "--answer-max-tokens", "3", "--steps", "1", "--queries-per-step", "2", "--samples-per-query", "2")
     model, _ = load_model_and_tokenizer(str(model_dir), device="cpu")
-    model = load_adapter(model, next(run.glob("checkpoints/step-*/adapter")))
-    policy = ArithmeticTask(ArithmeticOptions(**options), tokenizer).policy(model, TrainConfig(device="cpu"))
+    policy = runs_script.evaluation_policy(load_adapter(model, next(run.glob("checkpoints/step-*/adapter"))),
+                                           tokenizer, "cpu", options)
     facts = runs_script.trained_run_facts(run, "gfn", 0, 2, 1, 4, {})
     for folder in (run, run / "curve" / "step-1"):
         runs_script.evaluate_all(policy, folder, {3: plain}, options, "gfn", facts)
@@ -122,11 +120,12 @@ def prompts_run(root: Path, monkeypatch) -> TablePaths:
             return [sum(c.isdigit() for c in text) for text in completions]
     '''))
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in ("12", "3+4", "5-")))
+    monkeypatch.setitem(sys.modules, "contract_rewards", None)  # records it absent: dropped again when the test ends
+    del sys.modules["contract_rewards"]
     train("--task", "prompts", "--data", str(root / "prompts.jsonl"), "--reward", "contract_rewards:digits",
           "--model", str(save_tiny_model(root / "tiny", make_char_tokenizer())), "--steps", "1",
           "--queries_per_step", "2", "--samples_per_query", "2", "--max_len", "3", "--eval_prompts", "2",
           "--eval_samples", "2", "--output-dir", str(root / "gfn"))
-    sys.modules.pop("contract_rewards", None)
     return {"": [root / "gfn"]}
 
 
@@ -149,8 +148,7 @@ def test_every_registered_task_has_a_tiny_run_here():
 
 @pytest.mark.parametrize("name", sorted(TINY_RUNS))
 def test_every_results_table_and_figure_renders_from_a_tiny_run(name, tmp_path, monkeypatch):
-    make_runs = TINY_RUNS[name]
-    paths = make_runs(tmp_path, monkeypatch) if name == "prompts" else make_runs(tmp_path)
+    paths = TINY_RUNS[name](tmp_path, monkeypatch)
     tables = REPORTS[name].results_tables()
     assert sorted(paths) == sorted(tables), "a tiny run for every table the report declares"
     for table_name, table in tables.items():

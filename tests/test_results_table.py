@@ -211,10 +211,10 @@ def test_a_pipe_inside_a_cell_survives_the_round_trip(tmp_path):
 def test_infilling_table_averages_a_methods_seeds_and_keeps_one_runs_draws(tmp_path):
     from gfnlm.reports.infilling import metrics_table
 
-    def infilling_eval(folder: Path, label: str, bertscore: float, draws_std: float) -> Path:
+    def infilling_eval(folder: Path, label: str, bertscore: float, draws_std: float, stories: int = 50) -> Path:
         metrics = {key: bertscore for key in ("bertscore", "bleu4", "gleu4", "sacrebleu", "log_p_ending")}
         write_eval(folder, label=label, **metrics, **{f"{key}_std": draws_std for key in metrics}, distinct=9.0,
-                   eval_samples=10, mean_words=8.0, n_stories=50)
+                   eval_samples=10, mean_words=8.0, n_stories=stories)
         return folder
 
     runs = [infilling_eval(tmp_path / "gfn-seed0", "GFlowNet fine-tuning", 0.10, 0.5),
@@ -227,3 +227,6 @@ def test_infilling_table_averages_a_methods_seeds_and_keeps_one_runs_draws(tmp_p
     assert table["GFlowNet fine-tuning"][0] == "0.120 ± 0.028"  # mean and std over the two seeds, not the draws
     assert table["GFlowNet fine-tuning"][-2:] == ["2", "-"]  # seeds; no metrics.jsonl: no training budget
     assert table["prompting"][0] == "0.050 ± 0.250" and table["prompting"][-2] == "1"  # one run: its draws' std
+    other = infilling_eval(tmp_path / "gfn-100-stories", "GFlowNet fine-tuning", 0.2, 0.5, stories=100)
+    with pytest.raises(SystemExit, match="different evaluations"):
+        metrics_table([*runs, other])

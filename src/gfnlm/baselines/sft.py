@@ -24,7 +24,8 @@ DrawExamples = Callable[[int, torch.Generator], Sequence[TrajectoryRecord]]
 class EpochDraws:
     """A ``DrawExamples`` over a fixed dataset in epochs: each pass visits every record once, in an order drawn
     from the generator, so that ``k * len(records)`` draws are k epochs (uniform draws would miss about a third of
-    the records in one epoch's worth). A resumed run starts a fresh pass."""
+    the records in one epoch's worth). ``SFTTrainer`` checkpoints the pass in progress, so a resumed run draws
+    what the uninterrupted one would have. Each process of a multi-process run makes its own passes."""
 
     def __init__(self, records: Sequence[TrajectoryRecord]):
         if not records:
@@ -41,6 +42,12 @@ class EpochDraws:
             del self.pass_left[:take]
         return [self.records[i] for i in picks]
 
+    def state_dict(self) -> dict:
+        return {"pass_left": torch.tensor(self.pass_left, dtype=torch.long)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.pass_left = state["pass_left"].tolist()
+
 
 class SFTTrainer(Trainer):
     name = "sft"
@@ -49,6 +56,17 @@ class SFTTrainer(Trainer):
         super().__init__(policy, config, output_dir)
         self.draw_examples = draw_examples
         self.build_optimizer()
+
+    def rank_state(self) -> dict:
+        state = super().rank_state()
+        if isinstance(self.draw_examples, EpochDraws):  # the pass in progress
+            state["epoch_draws"] = self.draw_examples.state_dict()
+        return state
+
+    def load_rank_state(self, state: dict) -> None:
+        super().load_rank_state(state)
+        if isinstance(self.draw_examples, EpochDraws) and "epoch_draws" in state:  # older checkpoints: a fresh pass
+            self.draw_examples.load_state_dict(state["epoch_draws"])
 
     def train_step(self) -> dict:
         c = self.config

@@ -7,7 +7,7 @@ import statistics
 from pathlib import Path
 
 from gfnlm.reports.base import TaskReport
-from gfnlm.reports.tables import Headline, Pick, ResultsTable, markdown_table, read_eval, training_budget
+from gfnlm.reports.tables import Headline, Pick, ResultsTable, markdown_table, mean_std, read_eval, training_budget
 from gfnlm.tasks.infilling import InfillingTask
 
 EXAMPLE_STORIES = (0, 1, 2)
@@ -23,7 +23,7 @@ class InfillingReport(TaskReport):
         gfn=Pick("infilling", {"method": "GFlowNet fine-tuning"}),
         baseline=Pick("infilling", {"method": "supervised fine-tuning"}), baseline_name="SFT",
         paper="0.184 / 2.1 / 4.2; SFT 0.094 / 1.6 / 3.7 (GPT-2 Large; BERTScore with DeBERTa, ours with MPNet)",
-        setting="SmolLM2-135M, 2 CPU cores", budget="{training}")
+        setting="SmolLM2-135M, 2 CPU cores", budget="{training}, {n seeds} seeds")
 
     @classmethod
     def results_tables(cls) -> dict[str, ResultsTable]:
@@ -37,25 +37,29 @@ def metrics_table(runs: list[Path]) -> str:
     """Table 2: one row per method (evaluations with one label: a trained method's seeds, or a baseline). Each
     cell is "mean ± std": over the seeds' means where a method has several runs, else over the run's draws."""
     header = ["method", "BERTScore", "BLEU-4", "GLEU-4", "sacreBLEU", "log p(Y | X Z)", "distinct of K", "words",
-              "stories", "seeds", "training"]
+              "stories", "n seeds", "training"]
     by_label: dict[str, list[Path]] = {}
     for run in runs:
         by_label.setdefault(read_eval(run)["label"], []).append(run)
-    return markdown_table(header, [method_row(label, members) for label, members in by_label.items()])
+    return markdown_table(header, [method_row(members) for members in by_label.values()])
 
 
-def method_row(label: str, runs: list[Path]) -> list[str]:
-    """One method's row of Table 2 from its runs (see ``metrics_table``)."""
+def method_row(runs: list[Path]) -> list[str]:
+    """One method's row of Table 2 from its runs (see ``metrics_table``), which must share their evaluation."""
     results = [read_eval(run) for run in runs]
+    first = results[0]
+    if any((r["n_stories"], r["eval_samples"]) != (first["n_stories"], first["eval_samples"]) for r in results):
+        raise SystemExit(f"{', '.join(map(str, runs))}: one label ({first['label']}), different evaluations "
+                         "(stories or infills per story): not seeds of one method")
 
     def cell(key: str, digits: int) -> str:
         values = [r[key] for r in results]
-        spread = statistics.stdev(values) if len(values) > 1 else results[0][key + "_std"]
-        return f"{statistics.mean(values):.{digits}f} ± {spread:.{digits}f}"
+        if len(values) > 1:
+            return mean_std(values, scale=1, digits=digits)
+        return f"{values[0]:.{digits}f} ± {first[key + '_std']:.{digits}f}"
 
-    first = results[0]
     budgets = "; ".join(dict.fromkeys(training_budget(run) for run in runs))  # one entry per distinct budget
-    return [label, cell("bertscore", 3), cell("bleu4", 2), cell("gleu4", 2), cell("sacrebleu", 2),
+    return [first["label"], cell("bertscore", 3), cell("bleu4", 2), cell("gleu4", 2), cell("sacrebleu", 2),
             cell("log_p_ending", 2), f"{statistics.mean(r['distinct'] for r in results):.1f} / {first['eval_samples']}",
             f"{statistics.mean(r['mean_words'] for r in results):.1f}", str(first["n_stories"]), str(len(runs)), budgets]
 

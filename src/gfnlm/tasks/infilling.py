@@ -202,7 +202,6 @@ class InfillingTask(Task):
             raise ValueError(f"{o.stories_file} has {len(stories)} stories: too few for {o.validation_stories} to validate "
                              f"and {o.train_stories} to train")
         self.stop_ids, self.allowed_ids = allowed_tokens(tokenizer)
-        self._sft_draws: EpochDraws | None = None  # built once: SFT draws from it every step
 
     @classmethod
     def method_settings(cls, method: str, settings: dict) -> dict:
@@ -259,14 +258,12 @@ class InfillingTask(Task):
         """The training stories' true fourth sentences (Table C.2's seeded buffer), those the action space can write."""
         return self.reference_records(self.train)
 
-    def sft_examples(self, n: int, generator: torch.Generator) -> list[TrajectoryRecord]:
-        """SFT: (prompt, true fourth sentence) of the training stories, in epochs (Table C.2 counts SFT in epochs)."""
-        if self._sft_draws is None:
-            self._sft_draws = EpochDraws(self.reference_records(self.train))
-        return self._sft_draws(n, generator)
-
     def trainer(self, method: str, policy: Policy, config: TrainConfig, ppo, output_dir: Path | None) -> Trainer:
-        """``story-lm``: LoRA SFT of the model on whole stories of the reward and training splits."""
+        """SFT and ``story-lm`` (LoRA SFT of the model on whole stories of the reward and training splits) go over
+        their data in epochs, as Table C.2 counts them: SFT on the training stories' (prompt, true fourth
+        sentence), those the action space can write."""
+        if method == "sft":
+            return SFTTrainer(policy, EpochDraws(self.reference_records(self.train)), config, output_dir)
         if method != "story-lm":
             return super().trainer(method, policy, config, ppo, output_dir)
         if self.options.story_lm is not None:
