@@ -21,7 +21,7 @@ class InfillingReport(TaskReport):
         experiment="Story infilling (§4.2)", page="infilling.md", metric="BERTScore / BLEU-4 / GLEU-4",
         columns=("BERTScore", "BLEU-4", "GLEU-4"),
         gfn=Pick("infilling", {"method": "GFlowNet fine-tuning"}),
-        baseline=Pick("infilling", {"method": "supervised fine-tuning"}), baseline_name="SFT",
+        baseline=Pick("infilling", {"method": "GRPO (TRL)"}), baseline_name="GRPO (TRL)",
         paper="0.184 / 2.1 / 4.2; SFT 0.094 / 1.6 / 3.7 (GPT-2 Large; BERTScore with DeBERTa, ours with MPNet)",
         setting="SmolLM2-135M, 2 CPU cores", budget="{training}, {n seeds} seeds")
 
