@@ -21,17 +21,13 @@ import argparse
 import logging
 from pathlib import Path
 
-from run_folders import run_command, settings_flags  # scripts/run_folders.py
+from run_folders import GRPO, run_command, settings_flags  # scripts/run_folders.py
 
 GFN = ["--steps", "10000", "--queries_per_step", "4", "--samples_per_query", "8", "--lr", "5e-4",
        "--warmup_steps", "10", "--reward_temp_horizon", "30", "--save_every", "10"]
 """The release's settings (the task's defaults) on a CPU budget: 4 prompts x 8 samples a step instead
 of 32 x 8, a learning rate 5x the release's for the few steps, the reward temperature annealed over
 30 steps instead of 750."""
-GRPO = ["--steps", "10000", "--queries_per_step", "4", "--samples_per_query", "8", "--lr", "1e-4",
-        "--warmup_steps", "10", "--save_every", "10"]
-"""TRL's GRPO with the GFlowNet's prompts x samples a step and time budget, lr 1e-4 (as on random numbers and
-infilling). Its reward is the sentence's log-likelihood: GRPO normalises rewards per group, so no temperature."""
 
 BASELINES: dict[str, list[str]] = {
     "greedy": ["--method", "greedy"],

@@ -11,9 +11,9 @@ stories. It writes
 Rerunning skips finished evaluations and resumes unfinished training. Two processes of one thread each
 (OMP_NUM_THREADS=1) share 2 cores: one with --methods gfn sft, one with --methods grpo --grpo-minutes M.
 Then (a method's seeds make one row)
-    python3 scripts/results_table.py infilling OUT/prompting OUT/left-to-right OUT/sft-seed* OUT/grpo-seed* \
+    python3 scripts/results_table.py infilling OUT/prompting OUT/left-to-right OUT/sft-seed* OUT/grpo-seed* \\
         OUT/gfn-seed* --doc docs/experiments/infilling.md --section infilling
-    python3 scripts/results_table.py infilling:samples OUT/prompting OUT/sft-seed0 OUT/grpo-seed0 OUT/gfn-seed0 \
+    python3 scripts/results_table.py infilling:samples OUT/prompting OUT/sft-seed0 OUT/grpo-seed0 OUT/gfn-seed0 \\
         --doc docs/experiments/infilling.md --section infilling-samples
 """
 
@@ -24,7 +24,7 @@ import logging
 import math
 from pathlib import Path
 
-from run_folders import run_command, settings_flags  # scripts/run_folders.py
+from run_folders import GRPO, run_command, settings_flags  # scripts/run_folders.py
 
 from gfnlm.runlog import logged_training_minutes, read_logged_metrics
 from gfnlm.tasks.infilling import InfillingOptions
@@ -39,10 +39,6 @@ GFN = ["--steps", "80", "--queries_per_step", "4", "--samples_per_query", "8", "
 """Table C.2 (the task's defaults) on a CPU budget: 80 steps of 4 stories x 8 samples instead of 1000 of 16 x 64,
 a learning rate 5x the paper's for the few steps, the reward temperature at its end value by the middle of the
 run (the paper: after 100 steps)."""
-GRPO = ["--steps", "10000", "--queries_per_step", "4", "--samples_per_query", "8", "--lr", "1e-4",
-        "--warmup_steps", "10", "--save_every", "10"]
-"""TRL's GRPO with the GFlowNet's stories x samples a step, for its training time; lr 1e-4, as on random numbers
-(5e-4 is the GFlowNet's, whose loss is scaled by its reward, not normalised per group)."""
 
 
 def grpo_minutes(args: argparse.Namespace, seed: int) -> float:

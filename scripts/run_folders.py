@@ -10,6 +10,12 @@ from gfnlm.config import ConfigError, parse_key_values
 
 logger = logging.getLogger("gfnlm")
 
+GRPO = ["--steps", "10000", "--queries_per_step", "4", "--samples_per_query", "8", "--lr", "1e-4",
+        "--warmup_steps", "10", "--save_every", "10"]
+"""TRL's GRPO beside a GFlowNet of 4 queries x 8 samples a step (its groups), stopped by the caller's
+``--time_limit_minutes`` (the GFlowNet's time); lr 1e-4, as on random numbers (5e-4, the GFlowNets', suits a loss
+scaled by the reward, not one normalised per group, which also makes a reward temperature irrelevant to it)."""
+
 
 def run_command(argv: list[str], out: Path) -> None:
     """One ``gfnlm train`` / ``gfnlm eval`` into ``out``: skipped when its eval.json exists, resumed when

@@ -28,6 +28,7 @@ from gfnlm.reports import REPORTS
 SCRIPTS = Path(__file__).resolve().parents[1] / "scripts"
 ENCODER = "all-MiniLM-L6-v2"
 QUIET = ["--progress", "false", "--device", "cpu", "--lora_rank", "2"]
+ONE_STEP = ["--steps", "1", "--queries_per_step", "2", "--samples_per_query", "2"]
 
 TablePaths = dict[str, list[Path]]
 """A report's table name -> the paths ``scripts/results_table.py TASK:NAME`` is given for it."""
@@ -35,6 +36,14 @@ TablePaths = dict[str, list[Path]]
 
 def train(*argv: str) -> None:
     assert main(["train", *argv, *QUIET]) == 0
+
+
+def evaluate(*argv: str) -> None:
+    assert main(["eval", *argv, "--device", "cpu"]) == 0
+
+
+def labels(runs: list[Path]) -> list[str]:
+    return [json.loads((run / "eval.json").read_text())["label"] for run in runs]
 
 
 def random_number_run(root: Path, monkeypatch) -> TablePaths:
@@ -49,12 +58,10 @@ def continuation_runs(root: Path, monkeypatch) -> TablePaths:
               "--prompts_file", str(root / "prompts.txt"), "--prompts_used", "5", "--train_prompts", "3",
               "--max_len", "4", "--eval_samples", "3", "--encoder", ENCODER]
     for method, run in (("gfn", "gfn-T0.875"), ("grpo", "grpo")):
-        train("--method", method, "--steps", "1", "--queries_per_step", "2", "--samples_per_query", "2",
-              "--output-dir", str(root / run), *common)
-    assert main(["eval", "--method", "beam", "--output-dir", str(root / "eval-beam"), *common, "--device", "cpu"]) == 0
+        train("--method", method, *ONE_STEP, "--output-dir", str(root / run), *common)
+    evaluate("--method", "beam", "--output-dir", str(root / "eval-beam"), *common)
     runs = [root / "gfn-T0.875", root / "grpo", root / "eval-beam"]
-    assert [json.loads((run / "eval.json").read_text())["label"] for run in runs] == [
-        "GFlowNet T=0.875", "GRPO (TRL)", "beam"]
+    assert labels(runs) == ["GFlowNet T=0.875", "GRPO (TRL)", "beam"]
     return {"": runs, "samples": runs}
 
 
@@ -68,13 +75,10 @@ def infilling_runs(root: Path, monkeypatch) -> TablePaths:
           *common)
     common += ["--story_lm", str(root / "story-lm")]
     for method in ("gfn", "grpo"):
-        train("--method", method, "--steps", "1", "--queries_per_step", "2", "--samples_per_query", "2",
-              "--output-dir", str(root / f"{method}-seed0"), *common)
-    assert main(["eval", "--method", "prompting", "--output-dir", str(root / "prompting"), *common,
-                 "--device", "cpu"]) == 0
+        train("--method", method, *ONE_STEP, "--output-dir", str(root / f"{method}-seed0"), *common)
+    evaluate("--method", "prompting", "--output-dir", str(root / "prompting"), *common)
     runs = [root / "prompting", root / "gfn-seed0", root / "grpo-seed0"]
-    assert [json.loads((run / "eval.json").read_text())["label"] for run in runs] == [
-        "prompting", "GFlowNet fine-tuning", "GRPO (TRL)"]
+    assert labels(runs) == ["prompting", "GFlowNet fine-tuning", "GRPO (TRL)"]
     return {"": runs, "samples": runs}
 
 
@@ -85,7 +89,7 @@ def subjectivity_runs(root: Path, monkeypatch) -> TablePaths:
     run = root / "out" / "n10" / "gfn-seed0"
     train("--model", str(model), "--task", "subjectivity", "--method", "gfn", "--data_dir", str(data),
           "--validation_size", "6", "--eval_samples", "2", "--max_len", "3", "--inverse_prompt_samples", "2",
-          "--steps", "1", "--queries_per_step", "2", "--samples_per_query", "2", "--output-dir", str(run))
+          *ONE_STEP, "--output-dir", str(run))
     return {"": [root / "out"], "auc": [root / "out"], "log-odds": [run]}
 
 
@@ -123,8 +127,8 @@ def prompts_run(root: Path, monkeypatch) -> TablePaths:
     monkeypatch.setitem(sys.modules, "contract_rewards", None)  # records it absent: dropped again when the test ends
     del sys.modules["contract_rewards"]
     train("--task", "prompts", "--data", str(root / "prompts.jsonl"), "--reward", "contract_rewards:digits",
-          "--model", str(save_tiny_model(root / "tiny", make_char_tokenizer())), "--steps", "1",
-          "--queries_per_step", "2", "--samples_per_query", "2", "--max_len", "3", "--eval_prompts", "2",
+          "--model", str(save_tiny_model(root / "tiny", make_char_tokenizer())), *ONE_STEP, "--max_len", "3",
+          "--eval_prompts", "2",
           "--eval_samples", "2", "--output-dir", str(root / "gfn"))
     return {"": [root / "gfn"]}
 

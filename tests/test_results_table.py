@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from gfnlm.reports import arithmetic, subjectivity
+from gfnlm.reports.infilling import metrics_table
 from gfnlm.reports import tables as report
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "results_table.py"
@@ -209,8 +210,6 @@ def test_a_pipe_inside_a_cell_survives_the_round_trip(tmp_path):
 
 
 def test_infilling_table_averages_a_methods_seeds_and_keeps_one_runs_draws(tmp_path):
-    from gfnlm.reports.infilling import metrics_table
-
     def infilling_eval(folder: Path, label: str, bertscore: float, draws_std: float, stories: int = 50) -> Path:
         metrics = {key: bertscore for key in ("bertscore", "bleu4", "gleu4", "sacrebleu", "log_p_ending")}
         write_eval(folder, label=label, **metrics, **{f"{key}_std": draws_std for key in metrics}, distinct=9.0,

@@ -38,15 +38,17 @@ def metrics_table(runs: list[Path]) -> str:
     cell is "mean ± std": over the seeds' means where a method has several runs, else over the run's draws."""
     header = ["method", "BERTScore", "BLEU-4", "GLEU-4", "sacreBLEU", "log p(Y | X Z)", "distinct of K", "words",
               "stories", "n seeds", "training"]
-    by_label: dict[str, list[Path]] = {}
+    by_label: dict[str, dict[Path, dict]] = {}  # label -> {run: its eval.json}
     for run in runs:
-        by_label.setdefault(read_eval(run)["label"], []).append(run)
+        result = read_eval(run)
+        by_label.setdefault(result["label"], {})[run] = result
     return markdown_table(header, [method_row(members) for members in by_label.values()])
 
 
-def method_row(runs: list[Path]) -> list[str]:
-    """One method's row of Table 2 from its runs (see ``metrics_table``), which must share their evaluation."""
-    results = [read_eval(run) for run in runs]
+def method_row(evaluated: dict[Path, dict]) -> list[str]:
+    """One method's row of Table 2 from its runs and their results (see ``metrics_table``), which must share
+    their evaluation."""
+    runs, results = list(evaluated), list(evaluated.values())
     first = results[0]
     if any((r["n_stories"], r["eval_samples"]) != (first["n_stories"], first["eval_samples"]) for r in results):
         raise SystemExit(f"{', '.join(map(str, runs))}: one label ({first['label']}), different evaluations "
