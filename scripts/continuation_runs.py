@@ -54,6 +54,8 @@ def main() -> None:
     parser.add_argument("--gfn-settings", nargs="*", default=[], metavar="KEY=VALUE",
                         help="more GFlowNet settings, e.g. lr=1e-4 queries_per_step=8")
     parser.add_argument("--encoder", default=None, help="sentence encoder of the diversity (default: the task's)")
+    parser.add_argument("--baselines", nargs="*", choices=[*BASELINES, "tempered"], default=[*BASELINES, "tempered"],
+                        help="which baselines --part baselines evaluates (default: all; 'tempered': at each T)")
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
 
@@ -69,9 +71,10 @@ def main() -> None:
         run_command(["train", "--method", "grpo", *common, *GRPO, "--time_limit_minutes", str(args.minutes)],
                     args.out / "grpo")
     if args.part in ("baselines", "all"):
-        for name, flags in BASELINES.items():
-            run_command(["eval", *flags, *common], args.out / f"eval-{name}")
-        for temp in args.temps:
+        for name in args.baselines:
+            if name in BASELINES:
+                run_command(["eval", *BASELINES[name], *common], args.out / f"eval-{name}")
+        for temp in args.temps if "tempered" in args.baselines else []:
             run_command(["eval", "--method", "tempered", "--temperature", temp, *common], args.out / f"eval-tempered-T{temp}")
 
 

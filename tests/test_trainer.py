@@ -1,5 +1,6 @@
 """Trainer mechanics: exact resume, gradient accumulation, NaN handling, batch composition."""
 
+import itertools
 import json
 
 import pytest
@@ -168,6 +169,22 @@ def test_time_limit_stops_with_a_checkpoint_and_resume_continues(tokenizer, tmp_
     resumed = make_trainer(tokenizer, tmp_path)
     resumed.train(resume=True)
     assert resumed.step == 6
+
+
+def test_time_limit_counts_the_sessions_before_a_resume(tokenizer, tmp_path, monkeypatch):
+    """A killed and resumed run trains for its time limit in all, not for the limit again."""
+    import gfnlm.trainer as trainer_module
+
+    clock = itertools.count(0, 25)  # every reading of the clock is 25 s later
+    monkeypatch.setattr(trainer_module.time, "perf_counter", lambda: float(next(clock)))
+    first = make_trainer(tokenizer, tmp_path, steps=20, time_limit_minutes=1.0, save_every=100)
+    first.train()
+    again = make_trainer(tokenizer, tmp_path, steps=20, time_limit_minutes=1.0, save_every=100)
+    again.train(resume=True)
+    assert again.step == first.step and again.train_seconds == first.train_seconds >= 60
+    longer = make_trainer(tokenizer, tmp_path, steps=20, time_limit_minutes=2.0, save_every=100)
+    longer.train(resume=True)
+    assert first.step < longer.step < 20 and longer.train_seconds >= 120
 
 
 def test_training_changes_only_lora_parameters(tokenizer):

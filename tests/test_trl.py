@@ -3,9 +3,12 @@ run tracking, and the bench against TRL's step."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import sys
 import textwrap
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -89,6 +92,29 @@ def test_a_users_prompts_and_trl_reward_train_and_evaluate_from_the_command_line
     assert main(["eval", "--task", "prompts", "--adapter", "run", "--output-dir", "again"]) == 0
     again = json.loads((user_files / "again" / "eval.json").read_text())
     assert again["reward_mean"] == pytest.approx(result["reward_mean"])
+
+
+def test_grpo_trains_for_its_time_limit_in_all_across_a_resume(user_files, monkeypatch):
+    import gfnlm.baselines.grpo as grpo_module
+
+    clock = itertools.count(0, 25)  # every reading of grpo.py's clock is 25 s later: each step takes 25 s
+    monkeypatch.setattr(grpo_module, "time", SimpleNamespace(perf_counter=lambda: float(next(clock))))
+    limited = ("--reward", "my_rewards:digit_sum", "--method", "grpo", "--output-dir", "run", "--steps", "20",
+               "--save_every", "1", "--time_limit_minutes", "1.0")
+    assert _train(*limited) == 0
+    first = _metrics("run")
+    seconds = [r["step_time_s"] for r in first]
+    assert sum(seconds) >= 60 > sum(seconds[:-1]) and len(first) < 20  # stopped by the limit
+    assert _train(*limited, "--resume") == 0  # the limit is spent: no further step, the same adapter evaluated
+    assert _metrics("run") == first
+    assert json.loads((user_files / "run" / "eval.json").read_text())["train_steps"] == len(first)
+    assert _train(*limited[:-1], "2.0", "--resume") == 0  # a larger limit goes on
+    longer = _metrics("run")
+    assert len(first) < len(longer) < 20 and sum(r["step_time_s"] for r in longer) >= 120
+
+
+def _metrics(run: str) -> list[dict]:
+    return [json.loads(line) for line in Path(run, "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("reward, data, message", [

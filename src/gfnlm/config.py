@@ -40,7 +40,8 @@ class TrainConfig:
     seed: int = setting(0, "Seeds LoRA initialisation, sampling, batch composition and dropout.")
     steps: int = setting(200, "Number of optimizer steps.")
     time_limit_minutes: float = setting(
-        0.0, "Stop after this much training time (checkpoint written; --resume continues); 0: no limit. "
+        0.0, "Stop once the run's training steps have taken this many minutes, resumed sessions included "
+        "(checkpoint written; `--resume --time_limit_minutes M` with a larger M goes on); 0: no limit. "
         "The learning-rate schedule still follows `steps`."
     )
     queries_per_step: int = setting(4, "Distinct queries X in each micro-batch (amortisation over X).")

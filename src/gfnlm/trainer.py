@@ -76,6 +76,7 @@ class Trainer:
         self.generator = torch.Generator().manual_seed(self.config.seed + self.ranks.rank * RANK_SEED_STRIDE)
         self.step = 0
         self.nan_streak = 0
+        self.train_seconds = 0.0  # the run's training steps' time, resumed sessions included: time_limit_minutes
 
     @property
     def model(self):
@@ -179,6 +180,7 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         elapsed = time.perf_counter() - started
+        self.train_seconds += elapsed
         row = {
             "step": self.step,
             **metrics,
@@ -219,10 +221,10 @@ class Trainer:
             self.accelerator.init_trackers("gfnlm", config=scalars(dataclasses.asdict(c)))
         bar = tqdm(total=c.steps, initial=self.step, desc=self.name, disable=not (c.progress and self.ranks.writes),
                    dynamic_ncols=True)
-        deadline = time.perf_counter() + 60 * c.time_limit_minutes if c.time_limit_minutes > 0 else math.inf
+        budget_s = 60 * c.time_limit_minutes if c.time_limit_minutes > 0 else math.inf
         try:
             while self.step < c.steps:
-                if self.ranks.from_rank0(time.perf_counter() > deadline):  # every rank stops at the same step
+                if self.ranks.from_rank0(self.train_seconds >= budget_s):  # every rank stops at the same step
                     logger.info("time limit of %g minutes reached at step %d", c.time_limit_minutes, self.step)
                     if self.output_dir is not None and self.nan_streak == 0:
                         self.save_checkpoint()
@@ -286,6 +288,7 @@ class Trainer:
         state = {
             "step": self.step,
             "nan_streak": self.nan_streak,
+            "train_seconds": self.train_seconds,
             "optimizer": self.optimizer.state_dict(),
             "scheduler": self.scheduler.state_dict(),
             "extra": self.extra_state(),
@@ -314,6 +317,7 @@ class Trainer:
                 params[name].copy_(value)
         state = torch.load(path / "trainer_state.pt", weights_only=True, map_location="cpu")
         self.step, self.nan_streak = int(state["step"]), int(state["nan_streak"])
+        self.train_seconds = float(state.get("train_seconds", 0.0))  # 0 in checkpoints written before it was kept
         try:
             self.optimizer.load_state_dict(state["optimizer"])
         except ValueError as error:  # e.g. written before log Z had one parameter per query

@@ -25,6 +25,8 @@ from pathlib import Path
 from typing import Sequence
 
 import torch
+from peft import set_peft_model_state_dict
+from safetensors.torch import load_file
 from transformers import TrainerCallback
 
 from gfnlm.config import ConfigError, TrainConfig
@@ -32,7 +34,7 @@ from gfnlm.distributed import Ranks
 from gfnlm.policy import Policy
 from gfnlm.rewards import Reward, terminal_log_rewards
 from gfnlm.sampling import encode_prompts, require_pad_token
-from gfnlm.runlog import append_logged_metrics, read_logged_metrics, truncate_logged_metrics
+from gfnlm.runlog import append_logged_metrics, logged_training_minutes, read_logged_metrics, truncate_logged_metrics
 from gfnlm.trajectories import Query, TrajectoryRecord, Trajectories
 
 logger = logging.getLogger("gfnlm")
@@ -127,15 +129,24 @@ class GRPOBaseline:
         self.output_dir.mkdir(parents=True, exist_ok=True)
         resumed_step = int(checkpoints[-1].name.rsplit("-", 1)[1]) if checkpoints and resume else 0
         truncate_logged_metrics(self.output_dir, resumed_step)
-        self.started = time.perf_counter()
-        self.trl.train(resume_from_checkpoint=str(checkpoints[-1]) if resumed_step else None)
-        self.step = self.trl.state.global_step
+        # the time limit counts the run's steps, resumed sessions included (TRL logs every step: logging_steps=1)
+        self.train_seconds = 60 * logged_training_minutes(self.history)
+        if resumed_step and self.time_is_up():  # TRL would take one more step before a callback could stop it
+            set_peft_model_state_dict(self.policy.model, load_file(checkpoints[-1] / "adapter_model.safetensors"))
+            self.step = resumed_step
+        else:
+            self.trl.train(resume_from_checkpoint=str(checkpoints[-1]) if resumed_step else None)
+            self.step = self.trl.state.global_step
         self.policy.model.save_pretrained(self.output_dir / "checkpoints" / f"step-{self.step:07d}" / "adapter")
         return self.history
 
     @property
     def history(self) -> list[dict]:
         return read_logged_metrics(self.output_dir)
+
+    def time_is_up(self) -> bool:
+        limit = self.config.time_limit_minutes
+        return limit > 0 and self.train_seconds >= 60 * limit
 
 
 class RunLog(TrainerCallback):
@@ -150,9 +161,10 @@ class RunLog(TrainerCallback):
 
     def on_step_end(self, args, state, control, **kwargs):
         self.step_time = time.perf_counter() - self.step_started
-        limit = self.baseline.config.time_limit_minutes
-        if limit > 0 and time.perf_counter() - self.baseline.started > 60 * limit:
-            logger.info("time limit of %g minutes reached at step %d", limit, state.global_step)
+        self.baseline.train_seconds += self.step_time
+        if self.baseline.time_is_up():
+            logger.info("time limit of %g minutes reached at step %d", self.baseline.config.time_limit_minutes,
+                        state.global_step)
             control.should_training_stop = control.should_save = True
 
     def on_log(self, args, state, control, logs=None, **kwargs):
