@@ -13,7 +13,7 @@ from conftest import make_char_tokenizer, make_policy, make_tiny_lm, save_tiny_m
 from gfnlm.cli import main
 from gfnlm.data import read_lines
 from gfnlm.metrics import embedding_diversity
-from gfnlm.reports.continuation import ContinuationReport
+from gfnlm.reports.continuation import ContinuationReport, pareto_front
 from gfnlm.rewards import LMStopReward
 from gfnlm.sentence import allowed_tokens, banned_token
 from gfnlm.tasks.continuation import ContinuationOptions, ContinuationTask
@@ -176,3 +176,12 @@ def test_cli_trains_a_gflownet_and_evaluates_it_and_a_baseline(model_dir, prompt
     assert "evaluates the base model; drop --adapter" in capsys.readouterr().err
     assert main(["eval", "--method", "top-p", "--output-dir", str(beam), *common]) == 2
     assert "task 'continuation' has no method 'top-p'" in capsys.readouterr().err
+
+
+def test_the_pareto_front_keeps_each_row_that_no_other_beats_on_both_axes():
+    points = {"likely": (-9.8, 0.65), "diverse": (-30.0, 0.83), "between": (-12.4, 0.81), "beaten": (-13.4, 0.68),
+              "tie": (-12.4, 0.81), "beaten on one axis only by a tie": (-12.4, 0.80)}
+    results = [{"max_log_likelihood": ll, "diversity": d} for ll, d in points.values()]
+    assert dict(zip(points, pareto_front(results))) == {
+        "likely": True, "diverse": True, "between": True, "beaten": False, "tie": True,
+        "beaten on one axis only by a tie": False}

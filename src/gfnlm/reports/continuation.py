@@ -41,14 +41,24 @@ class ContinuationReport(TaskReport):
 
 
 def metrics_table(runs: list[Path]) -> str:
-    """Fig. 3's numbers: one row per evaluation folder (a GFlowNet run's, or a decoding baseline's)."""
-    header = ["method", "max log-likelihood", "diversity", "mean log-likelihood", "mean tokens", "ended by '.'",
-              "distinct of N", "forward tokens / prompt", "s / prompt", "prompts", "training"]
-    rows = [[r["label"], f"{r['max_log_likelihood']:.2f}", f"{r['diversity']:.3f}", f"{r['mean_log_likelihood']:.2f}",
-             f"{r['mean_length']:.1f}", f"{r['ended_fraction']:.2f}", f"{r['distinct']:.1f} / {r['eval_samples']}",
-             f"{r['forward_tokens_per_prompt']:.0f}", f"{r['seconds_per_prompt']:.1f}", str(r["n_prompts"]),
-             training_budget(run)] for run, r in ((run, read_eval(run)) for run in runs)]
+    """Fig. 3's numbers: one row per evaluation folder (a GFlowNet run's, or a decoding baseline's), and whether
+    it is on the Pareto front of max log-likelihood x diversity among these rows."""
+    header = ["method", "max log-likelihood", "diversity", "on the front", "mean log-likelihood", "mean tokens",
+              "ended by '.'", "distinct of N", "forward tokens / prompt", "s / prompt", "prompts", "training"]
+    results = [read_eval(run) for run in runs]
+    front = pareto_front(results)
+    rows = [[r["label"], f"{r['max_log_likelihood']:.2f}", f"{r['diversity']:.3f}", "yes" if on else "",
+             f"{r['mean_log_likelihood']:.2f}", f"{r['mean_length']:.1f}", f"{r['ended_fraction']:.2f}",
+             f"{r['distinct']:.1f} / {r['eval_samples']}", f"{r['forward_tokens_per_prompt']:.0f}",
+             f"{r['seconds_per_prompt']:.1f}", str(r["n_prompts"]), training_budget(run)]
+            for run, r, on in zip(runs, results, front, strict=True)]
     return markdown_table(header, rows)
+
+
+def pareto_front(results: list[dict]) -> list[bool]:
+    """For each result, whether no other one is at least as likely and as diverse and better in one of the two."""
+    points = [(r["max_log_likelihood"], r["diversity"]) for r in results]
+    return [not any(q[0] >= p[0] and q[1] >= p[1] and q != p for q in points) for p in points]
 
 
 def samples_table(runs: list[Path]) -> str:
@@ -69,13 +79,20 @@ def draw_pareto(results: list[dict], path: Path) -> Path:
     """Paper Fig. 3: max log-likelihood (y) against diversity (x), one labelled point per method."""
     from gfnlm.reports.plots import plt, save_figure
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    fig, ax = plt.subplots(figsize=(7.2, 4.8))
+    front = sorted((r["diversity"], r["max_log_likelihood"]) for r, on in zip(results, pareto_front(results)) if on)
+    ax.plot(*zip(*front), color="0.6", linestyle="--", linewidth=1, zorder=1, label="Pareto front")
+    gfn = sorted((r for r in results if r["label"].startswith("GFlowNet")), key=lambda r: r["label"])
+    if len(gfn) > 1:  # the temperature sweep as one curve, as in the paper's figure
+        ax.plot([r["diversity"] for r in gfn], [r["max_log_likelihood"] for r in gfn], color="#c44e52", linewidth=1,
+                zorder=2)
     for r in results:
-        gfn = r["label"].startswith("GFlowNet")
-        ax.scatter(r["diversity"], r["max_log_likelihood"], marker="*" if gfn else "o", s=120 if gfn else 40,
-                   color="#c44e52" if gfn else "#4c72b0", zorder=3)
+        star = r["label"].startswith("GFlowNet")
+        ax.scatter(r["diversity"], r["max_log_likelihood"], marker="*" if star else "o", s=120 if star else 40,
+                   color="#c44e52" if star else "#4c72b0", zorder=3)
         ax.annotate(r["label"], (r["diversity"], r["max_log_likelihood"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=8)
+                    fontsize=7)
+    ax.legend(loc="lower left", fontsize=8)
     ax.set_xlabel("diversity (1 - mean pairwise cosine similarity)")
     ax.set_ylabel("max log-likelihood over N samples")
     ax.grid(alpha=0.3)
