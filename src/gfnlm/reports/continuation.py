@@ -92,7 +92,7 @@ def draw_pareto(results: list[dict], path: Path) -> Path:
                    color="#c44e52" if star else "#4c72b0", zorder=3)
         ax.annotate(r["label"], (r["diversity"], r["max_log_likelihood"]), textcoords="offset points", xytext=(5, 4),
                     fontsize=7)
-    ax.legend(loc="lower left", fontsize=8)
+    ax.legend(loc="upper left", fontsize=8)
     ax.set_xlabel("diversity (1 - mean pairwise cosine similarity)")
     ax.set_ylabel("max log-likelihood over N samples")
     ax.grid(alpha=0.3)
