@@ -90,8 +90,9 @@ def draw_pareto(results: list[dict], path: Path) -> Path:
         star = r["label"].startswith("GFlowNet")
         ax.scatter(r["diversity"], r["max_log_likelihood"], marker="*" if star else "o", s=120 if star else 40,
                    color="#c44e52" if star else "#4c72b0", zorder=3)
-        ax.annotate(r["label"], (r["diversity"], r["max_log_likelihood"]), textcoords="offset points", xytext=(5, 4),
-                    fontsize=7)
+        ax.annotate(r["label"], (r["diversity"], r["max_log_likelihood"]), textcoords="offset points",
+                    xytext=(9, -3) if star else (5, 4), fontsize=7)  # stars' labels level, right of their curve
+    ax.set_xlim(right=max(1.0, ax.get_xlim()[1]))  # room for the labels of the most diverse points
     ax.legend(loc="upper left", fontsize=8)
     ax.set_xlabel("diversity (1 - mean pairwise cosine similarity)")
     ax.set_ylabel("max log-likelihood over N samples")
