@@ -82,8 +82,8 @@ def draw_pareto(results: list[dict], path: Path) -> Path:
     fig, ax = plt.subplots(figsize=(7.2, 4.8))
     front = sorted((r["diversity"], r["max_log_likelihood"]) for r, on in zip(results, pareto_front(results)) if on)
     ax.plot(*zip(*front), color="0.6", linestyle="--", linewidth=1, zorder=1, label="Pareto front")
-    gfn = sorted((r for r in results if r["label"].startswith("GFlowNet")), key=lambda r: r["label"])
-    if len(gfn) > 1:  # the temperature sweep as one curve, as in the paper's figure
+    gfn = sorted((r for r in results if r["label"].startswith("GFlowNet")), key=lambda r: r["diversity"])
+    if len(gfn) > 1:  # the temperature sweep as one curve, as in the paper's figure (diversity grows with T)
         ax.plot([r["diversity"] for r in gfn], [r["max_log_likelihood"] for r in gfn], color="#c44e52", linewidth=1,
                 zorder=2)
     for r in results:
