@@ -128,8 +128,7 @@ def prompts_run(root: Path, monkeypatch) -> TablePaths:
     del sys.modules["contract_rewards"]
     train("--task", "prompts", "--data", str(root / "prompts.jsonl"), "--reward", "contract_rewards:digits",
           "--model", str(save_tiny_model(root / "tiny", make_char_tokenizer())), *ONE_STEP, "--max_len", "3",
-          "--eval_prompts", "2",
-          "--eval_samples", "2", "--output-dir", str(root / "gfn"))
+          "--eval_prompts", "2", "--eval_samples", "2", "--output-dir", str(root / "gfn"))
     return {"": [root / "gfn"]}
 
 

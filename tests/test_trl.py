@@ -7,7 +7,6 @@ import itertools
 import json
 import sys
 import textwrap
-from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -16,6 +15,7 @@ from conftest import make_char_tokenizer, save_tiny_model
 
 from gfnlm.cli import main
 from gfnlm.rewards import RewardError, from_trl
+from gfnlm.runlog import read_logged_metrics
 from gfnlm.trajectories import Query, TrajectoryRecord, Trajectories
 
 REWARDS = '''
@@ -83,7 +83,7 @@ def _train(*extra):
 @pytest.mark.parametrize("method", ["gfn", "grpo"])
 def test_a_users_prompts_and_trl_reward_train_and_evaluate_from_the_command_line(user_files, method, capsys):
     assert _train("--reward", "my_rewards:digit_sum", "--method", method, "--output-dir", "run") == 0
-    rows = [json.loads(line) for line in (user_files / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = read_logged_metrics(user_files / "run")
     assert [r["step"] for r in rows] == [1, 2] and all("loss" in r and r["step_time_s"] > 0 for r in rows)
     assert (user_files / "run" / "checkpoints").is_dir()
     result = json.loads((user_files / "run" / "eval.json").read_text())
@@ -102,19 +102,15 @@ def test_grpo_trains_for_its_time_limit_in_all_across_a_resume(user_files, monke
     limited = ("--reward", "my_rewards:digit_sum", "--method", "grpo", "--output-dir", "run", "--steps", "20",
                "--save_every", "1", "--time_limit_minutes", "1.0")
     assert _train(*limited) == 0
-    first = _metrics("run")
+    first = read_logged_metrics(user_files / "run")
     seconds = [r["step_time_s"] for r in first]
     assert sum(seconds) >= 60 > sum(seconds[:-1]) and len(first) < 20  # stopped by the limit
     assert _train(*limited, "--resume") == 0  # the limit is spent: no further step, the same adapter evaluated
-    assert _metrics("run") == first
+    assert read_logged_metrics(user_files / "run") == first
     assert json.loads((user_files / "run" / "eval.json").read_text())["train_steps"] == len(first)
     assert _train(*limited[:-1], "2.0", "--resume") == 0  # a larger limit goes on
-    longer = _metrics("run")
+    longer = read_logged_metrics(user_files / "run")
     assert len(first) < len(longer) < 20 and sum(r["step_time_s"] for r in longer) >= 120
-
-
-def _metrics(run: str) -> list[dict]:
-    return [json.loads(line) for line in Path(run, "metrics.jsonl").read_text().splitlines()]
 
 
 @pytest.mark.parametrize("reward, data, message", [
@@ -151,7 +147,7 @@ def test_tensorboard_receives_the_metrics_of_metrics_jsonl(user_files):
                       if EventAccumulator(str(folder)).Reload().Tags()["scalars"]]  # the run's config sits apart
     assert len(scalar_folders) == 1
     scalars = EventAccumulator(str(scalar_folders[0])).Reload()
-    logged = [json.loads(line) for line in (user_files / "run" / "metrics.jsonl").read_text().splitlines()]
+    logged = read_logged_metrics(user_files / "run")
     for key in ("loss", "log_reward_mean", "samples_per_s"):
         written = [(e.step, e.value) for e in scalars.Scalars(key)]
         assert written == [(row["step"], pytest.approx(row[key], rel=1e-5)) for row in logged], key
